@@ -1,0 +1,146 @@
+"""Typed, validated configuration: the one source of defaults for an inversion run.
+
+Every consumer (the CLI, Ray Train jobs, benchmarks) builds an ``InversionConfig``; pydantic
+rejects a bad value with a message that names the field, before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import InputError
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+TemplateSet = Literal["object", "style"]
+
+
+class ConfigError(InputError):
+    """A configuration that cannot be used; the message names the source and the field."""
+
+
+class InversionConfig(BaseModel):
+    """Hyper-parameters of one textual-inversion run (defaults follow the paper and diffusers' example)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(3000, ge=1, le=1_000_000, description="optimiser steps")
+    learning_rate: float = Field(5e-3, gt=0, le=10.0, description="base learning rate")
+    scale_lr: bool = Field(
+        False, description="multiply the learning rate by batch_size x grad_accum (the paper's scaling)"
+    )
+    batch_size: int = Field(1, ge=1, le=256, description="images per micro-batch")
+    grad_accum: int = Field(1, ge=1, le=256, description="micro-batches per optimiser step")
+    num_vectors: int = Field(1, ge=1, le=75, description="vectors the pseudo-word starts with")
+    progressive_steps: list[int] = Field(
+        default_factory=list,
+        description="steps at which one more vector is appended (progressive extension), e.g. [2000, 4000]",
+    )
+    regularization_weight: float = Field(
+        0.0, ge=0.0, description="weight of the L2 pull of each vector toward the initialiser embedding"
+    )
+    per_image_tokens: bool = Field(False, description="learn an extra token per training image as well")
+    per_image_mix_prob: float = Field(
+        0.25, ge=0.0, le=1.0, description="probability that a caption also names the image's own token"
+    )
+    templates: TemplateSet | list[str] = Field(
+        "object", description="'object', 'style', or a custom list of captions with one '{}'"
+    )
+    resolution: int | None = Field(
+        None, ge=8, le=4096, description="training resolution in pixels (default: the model's)"
+    )
+    min_image_side: int | None = Field(
+        None, ge=1, le=16384, description="smallest accepted image side (default: the resolution)"
+    )
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip")
+    init_word: str = Field("object", min_length=1, description="a single-token word the vectors start from")
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    precision: Precision = Field("auto", description="auto: bf16 on GPUs that support it, else fp32")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay on the new vectors")
+    checkpoint_interval: int = Field(500, ge=1, description="steps between full-state checkpoints")
+    log_interval: int = Field(10, ge=1, description="steps between loss-log records")
+    validation_prompts: list[str] = Field(
+        default_factory=list, description="prompts rendered to a grid during training; use <NAME>"
+    )
+    validation_interval: int = Field(500, ge=1, description="steps between validation grids")
+    validation_steps: int = Field(25, ge=1, le=1000, description="denoising steps of validation images")
+
+    @field_validator("progressive_steps")
+    @classmethod
+    def _increasing_positive(cls, steps: list[int]) -> list[int]:
+        if any(s < 1 for s in steps):
+            raise ValueError("every progressive step must be >= 1")
+        if steps != sorted(set(steps)):
+            raise ValueError("progressive steps must be strictly increasing")
+        return steps
+
+    @field_validator("templates")
+    @classmethod
+    def _one_slot_each(cls, templates: str | list[str]) -> str | list[str]:
+        if isinstance(templates, list):
+            if not templates:
+                raise ValueError("a custom template list must not be empty")
+            for t in templates:
+                if t.count("{}") != 1:
+                    raise ValueError(f"template {t!r} must contain '{{}}' exactly once")
+        return templates
+
+    @field_validator("init_word")
+    @classmethod
+    def _one_word(cls, word: str) -> str:
+        if len(word.split()) != 1:
+            raise ValueError(f"init_word must be a single word, got {word!r}")
+        return word
+
+    @model_validator(mode="after")
+    def _vector_budget(self) -> InversionConfig:
+        total = self.num_vectors + len(self.progressive_steps)
+        if total > 75:
+            raise ValueError(f"num_vectors + len(progressive_steps) = {total} exceeds 75 (CLIP's 77 tokens)")
+        if self.progressive_steps and self.progressive_steps[-1] >= self.steps:
+            raise ValueError(
+                f"progressive step {self.progressive_steps[-1]} is not before the last step ({self.steps})"
+            )
+        return self
+
+    @property
+    def effective_learning_rate(self) -> float:
+        """The learning rate the optimiser uses (scaled by batch size x accumulation when asked)."""
+        if self.scale_lr:
+            return self.learning_rate * self.batch_size * self.grad_accum
+        return self.learning_rate
+
+    @property
+    def total_vectors(self) -> int:
+        return self.num_vectors + len(self.progressive_steps)
+
+
+def describe_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem, each naming the field, e.g. ``jobs.yaml: steps: Input should be ...``."""
+    lines = []
+    for problem in err.errors():
+        field = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        lines.append(f"{source}: {field}: {problem['msg']}")
+    return "\n".join(lines)
+
+
+def make_config(values: dict[str, Any], source: str = "config") -> InversionConfig:
+    """Builds a config, turning pydantic's error into a ``ConfigError`` that names source and field."""
+    try:
+        return InversionConfig(**values)
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, source)) from None
+
+
+def load_config_file(path: Path, overrides: dict[str, Any] | None = None) -> InversionConfig:
+    """Reads a YAML/JSON config file; ``overrides`` (e.g. from CLI flags) win over the file."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read config: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
+    return make_config({**data, **(overrides or {})}, source=str(path))

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Creates .venv with oneword and its dev tools. Safe to run again: it only installs what is missing.
+#
+# Order matters: torch is pinned to the CPU build that lies on this machine's disk *before*
+# anything else, so that no later requirement makes pip download a multi-GB CUDA build.
+# clip-anytorch is installed without its dependencies (it would pull torchvision): oneword
+# only reads the CLIP BPE vocabulary file it ships, to build the offline tokenizer.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=${ONEWORD_TORCH_VERSION:-2.13.0}
+
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+# This machine's pip config names local wheel folders that may be absent: hide that noise only.
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+
+if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+    pip install "torch==$TORCH_VERSION"
+fi
+pip install -e ".[dev]"
+if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('clip') is None)"; then
+    pip install --no-deps "clip-anytorch==2.6.0"
+fi
+.venv/bin/python -c "import torch, diffusers, transformers, pipeline; print(f'oneword ready: torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}')"
