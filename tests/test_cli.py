@@ -1,0 +1,126 @@
+"""The `oneword` command end to end: real files in, real files out, errors named."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from pipeline.cli import main
+from pipeline.formats import LearnedConcept, load_concept_file, save_concept
+
+TRAIN = ["--name", "star", "--init-word", "shape", "--batch-size", "2", "--validation-steps", "2", "--quiet"]
+
+
+def _train(model_dir, images, out, *extra):
+    args = ["train", "--images", str(images), "--base-model", str(model_dir), "--out", str(out), *TRAIN, *extra]
+    return main(args)
+
+
+def test_train_writes_the_concept_logs_and_samples(tiny_model_dir, star_dir, tmp_path):
+    out = tmp_path / "run"
+    extra = ["--steps", "6", "--log-interval", "2", "--export", "a1111", "--num-vectors", "2",
+             "--validation-prompt", "a photo of <star>", "--validation-interval", "3"]  # fmt: skip
+    assert _train(tiny_model_dir, star_dir, out, *extra) == 0
+    tensors = load_file(str(out / "learned_embeds.safetensors"))
+    assert list(tensors) == ["<star>"] and tensors["<star>"].shape == (2, 64)
+    records = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert all(r["loss"] > 0 and r["vectors"] == 2 for r in records)
+    meta = json.loads((out / "concept.json").read_text())
+    assert (meta["steps"], meta["final_loss"], meta["init_word"]) == (6, records[-1]["loss"], "shape")
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000003.png", "step-000006.png"]
+    assert Image.open(out / "samples.png").size == (64, 64)  # one validation prompt -> 1x1 grid
+    assert torch.equal(load_concept_file(out / "star.a1111.pt").vectors, tensors["<star>"])
+
+
+def test_resume_extends_a_run_to_the_same_vectors(tiny_model_dir, star_dir, tmp_path):
+    assert _train(tiny_model_dir, star_dir, tmp_path / "straight", "--steps", "8") == 0
+    assert _train(tiny_model_dir, star_dir, tmp_path / "split", "--steps", "4", "--checkpoint-interval", "2") == 0
+    assert _train(tiny_model_dir, star_dir, tmp_path / "split", "--steps", "8", "--resume") == 0
+    straight = load_file(str(tmp_path / "straight" / "learned_embeds.safetensors"))["<star>"]
+    split = load_file(str(tmp_path / "split" / "learned_embeds.safetensors"))["<star>"]
+    assert torch.equal(straight, split)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "loss.jsonl").read_text().splitlines()]
+    assert steps == [4, 8]  # logged once each (log interval 10 -> only final steps), no duplicates
+
+
+def test_a_second_run_into_the_same_folder_needs_resume(tiny_model_dir, star_dir, tmp_path, capsys):
+    assert _train(tiny_model_dir, star_dir, tmp_path / "r", "--steps", "2") == 0
+    before = (tmp_path / "r" / "learned_embeds.safetensors").read_bytes()
+    assert _train(tiny_model_dir, star_dir, tmp_path / "r", "--steps", "2") == 2
+    assert "already holds a run (checkpoint.pt); pass --resume" in capsys.readouterr().err
+    assert (tmp_path / "r" / "learned_embeds.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--steps", "0"], "options: steps: Input should be greater than or equal to 1"),
+        (["--flip-prob", "2"], "options: flip_prob: Input should be less than or equal to 1"),
+        (["--template", "no slot"], "templates: Value error, template 'no slot' must contain '{}' exactly once"),
+        (["--name", "Bad/Name"], "invalid concept name 'Bad/Name'"),
+    ],
+)
+def test_bad_options_exit_2_with_the_field(tiny_model_dir, star_dir, tmp_path, capsys, extra, message):
+    assert _train(tiny_model_dir, star_dir, tmp_path / "x", *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing written
+
+
+def test_bad_images_and_models_exit_2_naming_the_file(tiny_model_dir, star_dir, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(star_dir, images)
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    assert _train(tiny_model_dir, images, tmp_path / "x", "--steps", "1") == 2
+    assert "broken.png: not an image" in capsys.readouterr().err
+    assert _train(tmp_path, star_dir, tmp_path / "y", "--steps", "1") == 2
+    assert "not a diffusers model folder (no model_index.json)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_generate_renders_concepts_and_refuses_foreign_ones(tiny_model_dir, tmp_path, capsys, model):
+    save_concept(LearnedConcept("dot", torch.randn(2, 64), base_model=model.identity), tmp_path / "dot")
+    out = tmp_path / "img.png"
+    args = ["generate", "a photo of <dot>", "--base-model", str(tiny_model_dir), "--concept",
+            str(tmp_path / "dot" / "learned_embeds.safetensors"), "--steps", "2", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    first = Image.open(out)
+    assert first.size == (64, 64)
+    assert main([*args, "--num-images", "4", "--size", "32", "--out", str(tmp_path / "grid.png")]) == 0
+    assert Image.open(tmp_path / "grid.png").size == (64, 64)  # 2x2 grid of 32 px images
+    assert main(args) == 0 and Image.open(out).tobytes() == first.tobytes()  # seeded: reproducible
+
+    save_concept(LearnedConcept("alien", torch.randn(1, 64), base_model="clip-49408x64-0000"), tmp_path / "alien")
+    foreign = ["generate", "a photo of <alien>", "--base-model", str(tiny_model_dir), "--out", str(tmp_path / "a.png"),
+               "--concept", str(tmp_path / "alien" / "learned_embeds.safetensors")]  # fmt: skip
+    assert main(foreign) == 2
+    assert "concept 'alien' was learned on base model clip-49408x64-0000, not on this one" in capsys.readouterr().err
+    assert main([*args[:-2], "--out", str(tmp_path / "b.png"), "--size", "30"]) == 2
+    assert "--size 30: must be a positive multiple of 8" in capsys.readouterr().err
+    assert main(["generate", "a <nobody>", "--base-model", str(tiny_model_dir), "--out", str(tmp_path / "c.png")]) == 2
+    assert "prompt references <nobody> but no vectors were given for it" in capsys.readouterr().err
+    assert not any((tmp_path / n).exists() for n in ("a.png", "b.png", "c.png"))
+
+
+def test_convert_between_formats(tmp_path):
+    vectors = torch.randn(3, 64)
+    torch.save({"emb_params": vectors}, tmp_path / "kohya.pt")
+    assert main(["convert", str(tmp_path / "kohya.pt"), "--to", "a1111", "--out", str(tmp_path / "a.pt")]) == 0
+    assert main(["convert", str(tmp_path / "a.pt"), "--to", "diffusers", "--out", str(tmp_path / "d.safetensors"),
+                 "--name", "thing"]) == 0  # fmt: skip
+    assert torch.equal(load_file(str(tmp_path / "d.safetensors"))["<thing>"], vectors)
+
+
+def test_console_script_help():
+    exe = Path(sys.executable).parent / "oneword"
+    result = subprocess.run([str(exe), "train", "--help"], capture_output=True, text=True, check=True)
+    for words in ("--images", "--init-word", "--progressive-steps", "--per-image-tokens", "--resume", "--config"):
+        assert words in result.stdout
+    top = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
+    assert all(c in top for c in ("train", "generate", "tiny-model", "convert", "example-images"))

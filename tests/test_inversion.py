@@ -1,0 +1,144 @@
+"""The algorithm: it learns, it touches nothing frozen, and it resumes bit for bit."""
+
+import io
+
+import pytest
+import torch
+
+from pipeline.errors import InputError
+from pipeline.inversion import Inversion
+from pipeline.model import load_base_model
+
+from .conftest import small_config
+
+
+def _run(engine: Inversion, steps: int) -> list[float]:
+    return [engine.step() for _ in range(steps)]
+
+
+def _roundtrip(state: dict) -> dict:
+    """Through bytes and back, as a checkpoint file would go (tensor-only loading)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_training_lowers_the_loss_against_the_init_word(model, star_images):
+    config = small_config(steps=60, batch_size=4, learning_rate=2e-2)
+    engine = Inversion(model, star_images, config, "star")
+    fixed = engine.evaluation_batch(seed=123, repeats=8)
+    init_vectors = model.token_embedding("shape")[None]
+    before = engine.evaluate(fixed, init_vectors)
+    assert engine.evaluate(fixed) == before  # starts exactly at the initialiser
+    _run(engine, config.steps)
+    after = engine.evaluate(fixed)
+    # the random tiny model's conditioning moves the loss little; the decrease is deterministic
+    assert after < before * 0.995, (before, after)
+    assert not torch.equal(engine.learned_vectors(), init_vectors)
+
+
+def test_frozen_weights_stay_bit_identical_and_only_vectors_move(model, star_images):
+    before = {
+        name: p.detach().clone()
+        for module in (model.text_encoder, model.vae, model.unet)
+        for name, p in module.named_parameters(prefix=type(module).__name__)
+    }
+    engine = Inversion(model, star_images, small_config(steps=5, per_image_tokens=True), "star")
+    _run(engine, 5)
+    for module in (model.text_encoder, model.vae, model.unet):
+        for name, p in module.named_parameters(prefix=type(module).__name__):
+            assert not p.requires_grad and p.grad is None
+            assert torch.equal(p, before[name]), name
+    # the optimiser holds the new vectors only: 1 word vector + 5 image tokens, each 64 wide
+    optimised = [p for group in engine.optimizer.param_groups for p in group["params"]]
+    assert [p.shape for p in optimised] == [torch.Size([64])] * 6
+    assert all(t.numel() == 64 for s in engine.optimizer.state.values() for t in s.values() if t.ndim)
+
+
+def test_vae_runs_only_at_setup(model, star_images):
+    calls = []
+    model.vae.encoder.register_forward_hook(lambda *_: calls.append(1))
+    engine = Inversion(model, star_images, small_config(), "star")
+    assert len(calls) == 2  # the images and their mirror images, once
+    _run(engine, 4)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"num_vectors": 3},
+        {"progressive_steps": [3, 7], "regularization_weight": 0.1},
+        {"per_image_tokens": True, "per_image_mix_prob": 0.5, "grad_accum": 2, "templates": "style"},
+    ],
+    ids=["plain", "multi-vector", "progressive+regularised", "per-image+accum+style"],
+)
+def test_resume_is_bit_identical(model, star_images, variant):
+    config = small_config(steps=10, **variant)
+    straight = Inversion(model, star_images, config, "star")
+    straight_losses = _run(straight, 10)
+
+    first = Inversion(model, star_images, config, "star")
+    first_losses = _run(first, 5)
+    state = _roundtrip(first.state_dict())
+    resumed = Inversion(model, star_images, config, "star")
+    resumed.load_state_dict(state)
+    resumed_losses = _run(resumed, 5)
+
+    assert first_losses + resumed_losses == straight_losses
+    assert torch.equal(resumed.learned_vectors(), straight.learned_vectors())
+    assert resumed.learned_vectors().shape[0] == config.total_vectors
+    for a, b in zip(resumed.image_vectors, straight.image_vectors, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_progressive_extension_adds_vectors_on_schedule(model, star_images):
+    engine = Inversion(model, star_images, small_config(steps=10, progressive_steps=[2, 5]), "star")
+    counts = []
+    for _ in range(7):
+        engine.step()
+        counts.append(len(engine.vectors))
+    assert counts == [1, 1, 2, 2, 2, 3, 3]
+
+
+def test_regularisation_keeps_vectors_near_the_initialiser(model, star_images):
+    def drift(weight: float) -> float:
+        engine = Inversion(
+            model, star_images, small_config(steps=30, learning_rate=5e-2, regularization_weight=weight), "s"
+        )
+        _run(engine, 30)
+        return (engine.learned_vectors() - model.token_embedding("shape")).norm().item()
+
+    assert drift(100.0) < drift(0.0) * 0.8
+
+
+def test_v_prediction_models_train_against_the_velocity(vpred_model_dir, star_images):
+    model = load_base_model(vpred_model_dir, "cpu")
+    assert model.prediction_type == "v_prediction"
+    engine = Inversion(model, star_images, small_config(), "star")
+    batch = engine.sample_batch()
+    with torch.no_grad():
+        hidden = engine.encoder.encode(batch.prompts, {"star": torch.stack(engine.vectors)})
+        noisy = model.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+        pred = model.unet(noisy, batch.timesteps, encoder_hidden_states=hidden).sample
+        velocity = model.noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
+        expected = torch.nn.functional.mse_loss(pred, velocity)
+        assert engine.diffusion_loss(batch).item() == pytest.approx(expected.item(), rel=1e-6)
+        assert abs(torch.nn.functional.mse_loss(pred, batch.noise).item() - expected.item()) > 1e-4
+
+
+def test_resume_refuses_another_concept_or_trajectory(model, star_images):
+    state = Inversion(model, star_images, small_config(), "star").state_dict()
+    with pytest.raises(InputError, match="checkpoint is for concept 'star', not 'moon'"):
+        Inversion(model, star_images, small_config(), "moon").load_state_dict(state)
+    with pytest.raises(InputError, match="config differs in learning_rate, seed"):
+        Inversion(model, star_images, small_config(learning_rate=1e-3, seed=9), "star").load_state_dict(state)
+    # extending the run (more steps) is allowed
+    Inversion(model, star_images, small_config(steps=99), "star").load_state_dict(state)
+
+
+def test_init_word_must_be_one_token(model, star_images):
+    with pytest.raises(InputError, match="'supercalifragilistic' is .* tokens"):
+        Inversion(model, star_images, small_config(init_word="supercalifragilistic"), "star")
