@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -96,8 +97,8 @@ def concept_refs(prompt: str) -> list[ConceptRef]:
 class TokenizedPrompt:
     """Token ids padded to the model length, and which positions take which concept's vector rows."""
 
-    input_ids: list[int]
-    slots: list[tuple[int, str, int]]  # (position, concept key, vector row)
+    input_ids: tuple[int, ...]
+    slots: tuple[tuple[int, str, int], ...]  # (position, concept key, vector row)
 
 
 class PromptEncoder:
@@ -114,12 +115,19 @@ class PromptEncoder:
 
     def tokenize(self, prompt: str, counts: Mapping[str, int]) -> TokenizedPrompt:
         """Tokenizes one prompt; ``counts`` gives each known concept's number of vectors."""
+        refs = concept_refs(prompt)
+        for ref in refs:
+            if ref.key not in counts:
+                raise UnknownConceptError(ref.key, list(counts))
+        return self._tokenize_cached(prompt, tuple((r.key, counts[r.key]) for r in refs))
+
+    @lru_cache(maxsize=4096)  # noqa: B019 - one encoder per model; training repeats a few dozen captions
+    def _tokenize_cached(self, prompt: str, refs: tuple[tuple[str, int], ...]) -> TokenizedPrompt:
+        counts = dict(refs)
         ids = [self.tokenizer.bos_token_id]
         slots: list[tuple[int, str, int]] = []
         for part in parse_prompt(prompt):
             if isinstance(part, ConceptRef):
-                if part.key not in counts:
-                    raise UnknownConceptError(part.key, list(counts))
                 for row in range(counts[part.key]):
                     slots.append((len(ids), part.key, row))
                     ids.append(self._slot_id)
@@ -129,7 +137,7 @@ class PromptEncoder:
         if len(ids) > self.max_length:
             raise PromptTooLongError(prompt, len(ids), self.max_length)
         ids.extend([self.tokenizer.pad_token_id] * (self.max_length - len(ids)))
-        return TokenizedPrompt(ids, slots)
+        return TokenizedPrompt(tuple(ids), tuple(slots))
 
     def encode(self, prompts: Sequence[str], vectors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Hidden states ``[len(prompts), max_length, dim]``; gradients flow into ``vectors``."""

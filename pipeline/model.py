@@ -84,8 +84,11 @@ def write_clip_tokenizer(out_dir: Path) -> CLIPTokenizer:
 
 # --- the offline tiny model -----------------------------------------------------------------------
 
+# Widths are SD-1.5's scaled down: text encoder 768 -> 128 (1/6, full 49,408-token vocabulary),
+# UNet 320/640 -> 32/64 (1/10), VAE 128..512 -> 16..64 (1/8, two ResNet layers per block as in SD,
+# so the one-off VAE encode costs about what it costs SD relative to a denoising step).
 TINY_TEXT_CONFIG = dict(
-    vocab_size=CLIP_VOCAB_SIZE, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+    vocab_size=CLIP_VOCAB_SIZE, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
     num_attention_heads=4, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu",
     bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
 )  # fmt: skip
@@ -93,11 +96,11 @@ TINY_UNET_CONFIG = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
+    cross_attention_dim=128, attention_head_dim=8, norm_num_groups=16,
 )  # fmt: skip
 TINY_VAE_CONFIG = dict(
-    sample_size=64, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-    block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+    sample_size=64, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+    block_out_channels=(16, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=16,
 )  # fmt: skip
 SD_SCHEDULER_CONFIG = dict(
@@ -107,7 +110,7 @@ SD_SCHEDULER_CONFIG = dict(
 
 
 def build_tiny_model(out_dir: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """Builds a small, randomly initialised SD-1.x-shaped pipeline in diffusers layout (~20 MB).
+    """Builds a small, randomly initialised SD-1.x-shaped pipeline in diffusers layout (~35 MB).
 
     Real architecture classes and the real CLIP tokenizer at toy sizes: every code path that
     touches a real model runs against it offline, in seconds.

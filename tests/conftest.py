@@ -14,7 +14,7 @@ import torch
 
 from pipeline.config import InversionConfig
 from pipeline.data import load_images
-from pipeline.model import BaseModel, build_tiny_model, load_base_model
+from pipeline.model import TINY_TEXT_CONFIG, BaseModel, build_tiny_model, load_base_model
 from pipeline.shapesworld import write_concept_images
 
 
@@ -44,6 +44,9 @@ def star_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def star_images(star_dir) -> torch.Tensor:
     return load_images(star_dir, 64)
+
+
+DIM = TINY_TEXT_CONFIG["hidden_size"]  # the tiny model's embedding width
 
 
 def small_config(**overrides) -> InversionConfig:

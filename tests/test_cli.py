@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from pipeline.cli import main
 from pipeline.formats import LearnedConcept, load_concept_file, save_concept
 
+from .conftest import DIM
+
 TRAIN = ["--name", "star", "--init-word", "shape", "--batch-size", "2", "--validation-steps", "2", "--quiet"]
 
 
@@ -28,7 +30,7 @@ def test_train_writes_the_concept_logs_and_samples(tiny_model_dir, star_dir, tmp
              "--validation-prompt", "a photo of <star>", "--validation-interval", "3"]  # fmt: skip
     assert _train(tiny_model_dir, star_dir, out, *extra) == 0
     tensors = load_file(str(out / "learned_embeds.safetensors"))
-    assert list(tensors) == ["<star>"] and tensors["<star>"].shape == (2, 64)
+    assert list(tensors) == ["<star>"] and tensors["<star>"].shape == (2, DIM)
     records = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6]
     assert all(r["loss"] > 0 and r["vectors"] == 2 for r in records)
@@ -85,7 +87,9 @@ def test_bad_images_and_models_exit_2_naming_the_file(tiny_model_dir, star_dir, 
 
 
 def test_generate_renders_concepts_and_refuses_foreign_ones(tiny_model_dir, tmp_path, capsys, model):
-    save_concept(LearnedConcept("dot", torch.randn(2, 64), base_model=model.identity), tmp_path / "dot")
+    save_concept(
+        LearnedConcept("dot", torch.randn(2, model.embedding_dim), base_model=model.identity), tmp_path / "dot"
+    )
     out = tmp_path / "img.png"
     args = ["generate", "a photo of <dot>", "--base-model", str(tiny_model_dir), "--concept",
             str(tmp_path / "dot" / "learned_embeds.safetensors"), "--steps", "2", "--out", str(out)]  # fmt: skip
@@ -96,11 +100,14 @@ def test_generate_renders_concepts_and_refuses_foreign_ones(tiny_model_dir, tmp_
     assert Image.open(tmp_path / "grid.png").size == (64, 64)  # 2x2 grid of 32 px images
     assert main(args) == 0 and Image.open(out).tobytes() == first.tobytes()  # seeded: reproducible
 
-    save_concept(LearnedConcept("alien", torch.randn(1, 64), base_model="clip-49408x64-0000"), tmp_path / "alien")
+    save_concept(
+        LearnedConcept("alien", torch.randn(1, model.embedding_dim), base_model="clip-49408x128-0000"),
+        tmp_path / "alien",
+    )
     foreign = ["generate", "a photo of <alien>", "--base-model", str(tiny_model_dir), "--out", str(tmp_path / "a.png"),
                "--concept", str(tmp_path / "alien" / "learned_embeds.safetensors")]  # fmt: skip
     assert main(foreign) == 2
-    assert "concept 'alien' was learned on base model clip-49408x64-0000, not on this one" in capsys.readouterr().err
+    assert "concept 'alien' was learned on base model clip-49408x128-0000, not on this one" in capsys.readouterr().err
     assert main([*args[:-2], "--out", str(tmp_path / "b.png"), "--size", "30"]) == 2
     assert "--size 30: must be a positive multiple of 8" in capsys.readouterr().err
     assert main(["generate", "a <nobody>", "--base-model", str(tiny_model_dir), "--out", str(tmp_path / "c.png")]) == 2

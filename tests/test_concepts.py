@@ -13,6 +13,8 @@ from pipeline.concepts import (
     validate_name,
 )
 
+from .conftest import DIM
+
 
 def test_parse_prompt_splits_text_and_references():
     parts = parse_prompt("a <my-dog> next to <cat_2@v3> and <Not-A-Ref>")
@@ -54,7 +56,7 @@ def test_vectors_in_the_prompt_match_diffusers_load_textual_inversion(tiny_model
 def test_one_batch_mixes_concepts_without_interference(model):
     encoder = PromptEncoder(model.tokenizer, model.text_encoder)
     g = torch.Generator().manual_seed(1)
-    table = {"dog": torch.randn(1, 64, generator=g), "style@v2": torch.randn(2, 64, generator=g)}
+    table = {"dog": torch.randn(1, DIM, generator=g), "style@v2": torch.randn(2, DIM, generator=g)}
     prompts = ["a photo of <dog>", "a painting in the style of <style@v2>", "<dog> in the style of <style@v2>"]
     together = encoder.encode(prompts, table)
     for i, prompt in enumerate(prompts):
@@ -64,7 +66,7 @@ def test_one_batch_mixes_concepts_without_interference(model):
 
 def test_gradients_reach_only_the_vectors(model):
     encoder = PromptEncoder(model.tokenizer, model.text_encoder)
-    vectors = torch.zeros(2, 64, requires_grad=True)
+    vectors = torch.zeros(2, DIM, requires_grad=True)
     encoder.encode(["a <x> here"], {"x": vectors}).sum().backward()
     assert vectors.grad is not None and vectors.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.text_encoder.parameters())
@@ -73,7 +75,7 @@ def test_gradients_reach_only_the_vectors(model):
 def test_unknown_concept_and_too_long_prompts(model):
     encoder = PromptEncoder(model.tokenizer, model.text_encoder)
     with pytest.raises(UnknownConceptError, match=r"<cat> but no vectors were given for it; known: dog"):
-        encoder.encode(["a <cat>"], {"dog": torch.zeros(1, 64)})
+        encoder.encode(["a <cat>"], {"dog": torch.zeros(1, DIM)})
     long_prompt = "a photo of " + "<dog> " * 20
     with pytest.raises(PromptTooLongError, match="needs 85 tokens after concept expansion, the limit is 77"):
-        encoder.encode([long_prompt], {"dog": torch.zeros(4, 64)})
+        encoder.encode([long_prompt], {"dog": torch.zeros(4, DIM)})

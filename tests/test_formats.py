@@ -18,10 +18,12 @@ from pipeline.formats import (
     save_diffusers,
 )
 
+from .conftest import DIM
+
 
 @pytest.fixture
 def concept() -> LearnedConcept:
-    vectors = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    vectors = torch.randn(2, DIM, generator=torch.Generator().manual_seed(0))
     return LearnedConcept("my-star", vectors, base_model="clip-test", steps=42, final_loss=0.5, config={"steps": 42})
 
 
@@ -31,7 +33,7 @@ def test_oneword_folder_round_trip(concept, tmp_path):
     assert torch.equal(loaded.vectors, concept.vectors)
     assert (loaded.name, loaded.base_model, loaded.steps, loaded.config) == ("my-star", "clip-test", 42, {"steps": 42})
     meta = json.loads((tmp_path / "concept.json").read_text())
-    assert (meta["placeholder"], meta["num_vectors"], meta["dim"]) == ("<my-star>", 2, 64)
+    assert (meta["placeholder"], meta["num_vectors"], meta["dim"]) == ("<my-star>", 2, DIM)
 
 
 def test_exported_file_loads_into_plain_diffusers_and_generates(concept, tiny_model_dir, tmp_path):

@@ -9,7 +9,7 @@ from pipeline.errors import InputError
 from pipeline.inversion import Inversion
 from pipeline.model import load_base_model
 
-from .conftest import small_config
+from .conftest import DIM, small_config
 
 
 def _run(engine: Inversion, steps: int) -> list[float]:
@@ -50,10 +50,10 @@ def test_frozen_weights_stay_bit_identical_and_only_vectors_move(model, star_ima
         for name, p in module.named_parameters(prefix=type(module).__name__):
             assert not p.requires_grad and p.grad is None
             assert torch.equal(p, before[name]), name
-    # the optimiser holds the new vectors only: 1 word vector + 5 image tokens, each 64 wide
+    # the optimiser holds the new vectors only: 1 word vector + 5 image tokens, one embedding wide each
     optimised = [p for group in engine.optimizer.param_groups for p in group["params"]]
-    assert [p.shape for p in optimised] == [torch.Size([64])] * 6
-    assert all(t.numel() == 64 for s in engine.optimizer.state.values() for t in s.values() if t.ndim)
+    assert [p.shape for p in optimised] == [torch.Size([DIM])] * 6
+    assert all(t.numel() == DIM for s in engine.optimizer.state.values() for t in s.values() if t.ndim)
 
 
 def test_vae_runs_only_at_setup(model, star_images):
