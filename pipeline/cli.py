@@ -118,13 +118,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
 
-    p = sub.add_parser("example-images", help="draw a few procedural images of one shape concept")
+    p = sub.add_parser("example-images", help="draw a few ShapesWorld images of one shape concept")
     p.add_argument("out", type=Path, help="output folder")
-    p.add_argument("--shape", default="star", help="circle, square, triangle, star, cross or ring")
+    p.add_argument("--shape", default="star", help="circle, square, triangle, star, cross, ring, hourglass, arrow")
     p.add_argument("--colour", default="yellow", help="red, green, blue, yellow, purple, orange, white")
     p.add_argument("--count", type=int, default=5)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--size", type=int, default=32, help="image side (ShapesWorld's model works at 32)")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("shapesworld-score", help="score a concept learned on the bundled ShapesWorld model",
+                       description="Renders 'a photo of a <NAME>' and edited prompts ('a photo of a red <NAME>') "
+                       "with the bundled ShapesWorld model and reads shape and colour off every image with "
+                       "its oracle: reconstruction, editability, and the same for comparison words.")  # fmt: skip
+    p.add_argument("--concept", required=True, type=Path, help="the learned concept file")
+    p.add_argument("--shape", required=True, help="the concept's true shape")
+    p.add_argument("--colour", required=True, help="the colour of its training images")
+    p.add_argument("--compare", action="append", default=[], help="also score a plain word (repeatable)")
+    p.add_argument("--samples", type=int, default=8, help="images per prompt (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="PNG grid: one row per prompt")
 
     p = sub.add_parser("convert", help="convert a concept file between formats")
     p.add_argument("file", type=Path, help="diffusers, A1111 or kohya embedding file")
@@ -218,6 +230,36 @@ def _cmd_example_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_shapesworld_score(args: argparse.Namespace) -> int:
+    from pipeline.errors import InputError
+    from pipeline.formats import load_concept_file
+    from pipeline.generation import ImageGenerator, check_compatible
+    from pipeline.model import load_base_model
+    from pipeline.shapesworld import COLOURS, SHAPES
+    from pipeline.shapesworld_eval import bundled_oracle, score_subject, scores_grid
+
+    if args.shape not in SHAPES or args.colour not in COLOURS:
+        raise InputError(f"--shape must be one of {', '.join(SHAPES)} and --colour one of {', '.join(COLOURS)}")
+    model = load_base_model("shapesworld", "cpu")
+    concept = load_concept_file(args.concept, dim=model.embedding_dim)
+    check_compatible(concept, model)
+    generator, oracle = ImageGenerator(model), bundled_oracle()
+    subjects = [(concept.placeholder, {concept.name: concept.vectors})] + [(word, {}) for word in args.compare]
+    print(f"{'subject':<16}{'reconstruction':>16}{'editability':>13}{'edited shape':>14}")
+    for subject, concepts in subjects:
+        # a plain word names no colour: its reconstruction prompt is "a photo of a yellow star"
+        full = f"{args.colour} {subject}" if not concepts else None
+        scores = score_subject(generator, oracle, subject, args.shape, args.colour, concepts, args.samples, args.seed,
+                               reconstruction_subject=full)  # fmt: skip
+        print(f"{subject:<16}{scores.reconstruction:>16.2f}{scores.editability:>13.2f}{scores.edited_shape:>14.2f}")
+        if args.out and subject == concept.placeholder:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            scores_grid(scores, args.samples).save(args.out)
+    if args.out:
+        print(f"wrote {args.out} (rows: 'a photo of a {concept.placeholder}', then edited colours)")
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from pipeline.formats import EXPORT_FORMATS, load_concept_file
 
@@ -258,6 +300,7 @@ COMMANDS = {
     "generate": _cmd_generate,
     "tiny-model": _cmd_tiny_model,
     "example-images": _cmd_example_images,
+    "shapesworld-score": _cmd_shapesworld_score,
     "convert": _cmd_convert,
 }
 

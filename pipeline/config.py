@@ -40,7 +40,9 @@ class InversionConfig(BaseModel):
         description="steps at which one more vector is appended (progressive extension), e.g. [2000, 4000]",
     )
     regularization_weight: float = Field(
-        0.0, ge=0.0, description="weight of the L2 pull of each vector toward the initialiser embedding"
+        0.0,
+        ge=0.0,
+        description="weight of the pull toward the initialiser: mean ||v - v_init||^2 / ||v_init||^2",
     )
     per_image_tokens: bool = Field(False, description="learn an extra token per training image as well")
     per_image_mix_prob: float = Field(

@@ -156,8 +156,10 @@ class Inversion:
         return F.mse_loss(prediction.float(), target.float())
 
     def regularization(self) -> torch.Tensor:
-        """Mean squared L2 distance of the word's vectors from the initialiser embedding."""
-        return (torch.stack(self.vectors) - self.init_embedding).pow(2).sum(-1).mean()
+        """Mean squared L2 distance of the word's vectors from the initialiser embedding, relative
+        to the initialiser's squared norm (so one weight means the same on any model's scale)."""
+        distance = (torch.stack(self.vectors) - self.init_embedding).pow(2).sum(-1).mean()
+        return distance / self.init_embedding.pow(2).sum()
 
     def step(self) -> float:
         """One optimiser step over ``grad_accum`` micro-batches; returns the mean diffusion loss."""

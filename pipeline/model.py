@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 from dataclasses import dataclass, field
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -218,15 +219,27 @@ def _scheduler_config(source: str) -> dict:
     return dict(DDPMScheduler.load_config(source, subfolder="scheduler"))
 
 
+# Models that ship inside the package, usable by name as --base-model.
+BUNDLED_MODELS = {"shapesworld": ("assets", "shapesworld", "model")}
+
+
+def resolve_model_source(source: str | Path) -> str:
+    """A bundled model's name becomes its folder inside the package; anything else is unchanged."""
+    if str(source) in BUNDLED_MODELS:
+        return str(resources.files("pipeline").joinpath(*BUNDLED_MODELS[str(source)]))
+    return str(source)
+
+
 def load_base_model(
     source: str | Path, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
 ) -> BaseModel:
     """Loads tokenizer, text encoder, VAE, UNet and the training noise schedule, all frozen.
 
-    ``source`` is a diffusers-layout folder or a hub id (resolved through the normal cache).
-    Weights get ``requires_grad=False`` and eval mode; attention uses PyTorch SDPA.
+    ``source`` is a diffusers-layout folder, a hub id (resolved through the normal cache) or the
+    name of a bundled model ("shapesworld"). Weights get ``requires_grad=False`` and eval mode;
+    attention uses PyTorch SDPA.
     """
-    source = str(source)
+    source = resolve_model_source(source)
     device = torch.device(device) if device is not None else default_device()
     if Path(source).exists() and not (Path(source) / "model_index.json").is_file():
         raise ModelLoadError(f"{source}: not a diffusers model folder (no model_index.json)")

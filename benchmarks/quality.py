@@ -1,0 +1,161 @@
+"""Reconstruction and editability of learned concepts in ShapesWorld, per variant of the paper.
+
+For each concept (a named shape learned from the neutral word "shape", an unnamed shape learned
+from "thing"), each variant (1 vector, 2 vectors, progressive, regularisation, per-image tokens,
+higher learning rate) and each seed: learn the concept from 5 images with the bundled model,
+render "a photo of a S*" and colour edits ("a photo of a red S*"), and score them with the
+oracle. The initialiser word is the lower bound, the true word (where the world has one) the
+upper. Prints a table, writes JSON, a markdown table and a PNG scatter like the paper's figure.
+
+    python benchmarks/quality.py --seeds 3 --steps 300 --out docs/quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from PIL import Image, ImageDraw
+
+from pipeline.config import InversionConfig
+from pipeline.data import load_images
+from pipeline.generation import ImageGenerator
+from pipeline.inversion import Inversion
+from pipeline.model import load_base_model
+from pipeline.shapesworld import write_concept_images
+from pipeline.shapesworld_eval import bundled_oracle, score_subject
+
+# (name, shape, training colour, initialiser word, true word or None)
+CONCEPTS = [
+    ("my-star", "star", "yellow", "shape", "star"),
+    ("my-cross", "cross", "blue", "shape", "cross"),
+    ("my-hourglass", "hourglass", "green", "thing", None),
+    ("my-arrow", "arrow", "red", "thing", None),
+]
+
+
+def variants(steps: int, base: dict) -> dict[str, dict]:
+    return {
+        "1 vector": {},
+        "2 vectors": {"num_vectors": 2},
+        "progressive": {"progressive_steps": [steps // 3, 2 * steps // 3]},
+        "regularisation": {"regularization_weight": 1e-3},
+        "per-image tokens": {"per_image_tokens": True},
+        "higher lr (5x)": {"learning_rate": base["learning_rate"] * 5},
+    }
+
+
+def scatter(rows: list[dict], path: Path) -> None:
+    """Reconstruction (x) vs editability (y), one labelled point per variant and bound."""
+    size, margin = 640, 70
+    image = Image.new("RGB", (size, size), "white")
+    pen = ImageDraw.Draw(image)
+    span = size - 2 * margin
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return margin + x * span, size - margin - y * span
+
+    pen.rectangle((*at(0, 1), *at(1, 0)), outline="black")
+    for tick in (0, 0.25, 0.5, 0.75, 1.0):
+        x, y = at(tick, 0)
+        pen.text((x - 8, y + 6), f"{tick:.2f}", fill="black")
+        x, y = at(0, tick)
+        pen.text((x - 40, y - 6), f"{tick:.2f}", fill="black")
+    pen.text((size / 2 - 50, size - 30), "reconstruction", fill="black")
+    pen.text((8, 20), "editability", fill="black")
+    palette = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#7f7f7f", "#17becf"]
+    for i, row in enumerate(rows):
+        x, y = at(row["reconstruction"], row["editability"])
+        colour = palette[i % len(palette)]
+        pen.ellipse((x - 6, y - 6, x + 6, y + 6), fill=colour)
+        pen.text((x + 9, y - 7), row["variant"], fill=colour)
+    image.save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--samples", type=int, default=8, help="images per prompt")
+    parser.add_argument("--concepts", default=",".join(c[0] for c in CONCEPTS))
+    parser.add_argument("--variants", default="", help="comma-separated subset (default: all)")
+    parser.add_argument("--set", action="append", default=[], help="base config override KEY=JSON (repeatable)")
+    parser.add_argument("--out", type=Path, default=Path("docs/quality"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    base = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        base[key] = json.loads(value)
+    chosen = variants(args.steps, base)
+    if args.variants:
+        chosen = {k: v for k, v in chosen.items() if k in args.variants.split(",")}
+    concepts = [c for c in CONCEPTS if c[0] in args.concepts.split(",")]
+    model = load_base_model("shapesworld", "cpu")
+    generator, oracle = ImageGenerator(model), bundled_oracle()
+    args.out.mkdir(parents=True, exist_ok=True)
+    records = []
+    started = time.time()
+    for name, shape, colour, init_word, true_word in concepts:
+        image_dir = args.out / "images" / name
+        for seed in range(args.seeds):
+            images = load_images(write_concept_images(image_dir, shape, colour, count=5, seed=seed), model.resolution)
+            words = [("init word", init_word)] + ([("true word", true_word)] if true_word else [])
+            for label, word in words:
+                full = f"{colour} {word}" if label == "true word" else None  # the true word names the colour too
+                scores = score_subject(generator, oracle, word, shape, colour, samples=args.samples, seed=1000 + seed,
+                                       reconstruction_subject=full)  # fmt: skip
+                records.append({"concept": name, "variant": label, "seed": seed, **scores.as_dict()})
+            for label, overrides in chosen.items():
+                config = InversionConfig(**{**base, **overrides, "init_word": init_word, "seed": seed})
+                engine = Inversion(model, images, config, name)
+                for _ in range(config.steps):
+                    engine.step()
+                vectors = engine.learned_vectors()
+                scores = score_subject(generator, oracle, f"<{name}>", shape, colour, {name: vectors},
+                                       samples=args.samples, seed=1000 + seed)  # fmt: skip
+                norm = vectors.norm(dim=-1).mean().item() / engine.init_embedding.norm().item()
+                records.append({"concept": name, "variant": label, "seed": seed, "norm_ratio": norm,
+                                "final_loss": engine.last_loss, **scores.as_dict()})  # fmt: skip
+                print(f"[{time.time() - started:6.0f}s] {name} seed {seed} {label:<18} "
+                      f"recon {scores.reconstruction:.2f} edit {scores.editability:.2f} "
+                      f"shape-kept {scores.edited_shape:.2f} |v|/|init| {norm:.2f}", flush=True)  # fmt: skip
+
+    (args.out / "results.json").write_text(json.dumps({"config": base, "records": records}, indent=2) + "\n")
+    rows = []
+    for variant in ["init word", "true word", *chosen]:
+        for name in [c[0] for c in concepts] + ["mean"]:
+            picked = [r for r in records if r["variant"] == variant and (name == "mean" or r["concept"] == name)]
+            if not picked:
+                continue
+            row = {"variant": variant, "concept": name}
+            for key in ("reconstruction", "editability", "edited_shape"):
+                row[key] = statistics.mean(r[key] for r in picked)
+            rows.append(row)
+    print(f"\n{'variant':<18}{'concept':<14}{'recon':>7}{'edit':>7}{'shape kept':>12}")
+    lines = [
+        "| variant | concept | reconstruction | editability | edited shape kept |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        print(f"{row['variant']:<18}{row['concept']:<14}{row['reconstruction']:>7.2f}{row['editability']:>7.2f}"
+              f"{row['edited_shape']:>12.2f}")  # fmt: skip
+        lines.append(f"| {row['variant']} | {row['concept']} | {row['reconstruction']:.2f} | "
+                     f"{row['editability']:.2f} | {row['edited_shape']:.2f} |")  # fmt: skip
+    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    scatter([r for r in rows if r["concept"] == "mean"], args.out / "scatter.png")
+    print(f"\nwrote {args.out}/results.json, table.md, scatter.png in {time.time() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
