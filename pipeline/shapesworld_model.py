@@ -94,7 +94,7 @@ class Oracle(nn.Module):
         ]
 
 
-def _malformed(rng: random.Random) -> torch.Tensor:
+def malformed_image(rng: random.Random) -> torch.Tensor:
     """A 'none of these' example: a random blob, a fragment, or two shapes merged."""
     colour = rng.choice(list(COLOURS))
     kind = rng.random()
@@ -134,7 +134,7 @@ def train_oracle(steps: int, seed: int, vae=None) -> tuple[Oracle, dict]:
                 images = vae(images).sample.clamp(-1, 1)
         shapes = torch.tensor([SHAPES.index(s.shape) for s in samples])
         colour_ids = torch.tensor([colours.index(s.colour) for s in samples])
-        blobs = torch.stack([_malformed(rng) for _ in range(16)])
+        blobs = torch.stack([malformed_image(rng) for _ in range(16)])
         shape_logits, colour_logits = oracle(torch.cat([images, blobs]))
         loss = F.cross_entropy(shape_logits, torch.cat([shapes, torch.full((16,), len(SHAPES))]))
         loss = loss + F.cross_entropy(colour_logits[:96], colour_ids)
@@ -159,7 +159,7 @@ def evaluate_oracle(oracle: Oracle, seed: int, vae=None, count: int = 2000) -> d
         predicted = oracle.classify(batch)
         result[f"{name}_shape_accuracy"] = float(np.mean([p[0] == s for p, s in zip(predicted, shapes, strict=True)]))
         result[f"{name}_colour_accuracy"] = float(np.mean([p[1] == c for p, c in zip(predicted, colours, strict=True)]))
-    blobs = torch.stack([_malformed(rng) for _ in range(500)])
+    blobs = torch.stack([malformed_image(rng) for _ in range(500)])
     result["malformed_rejected"] = float(np.mean([p[0] == "none" for p in oracle.classify(blobs)]))
     return result
 

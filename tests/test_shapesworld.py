@@ -14,7 +14,7 @@ from pipeline.inversion import Inversion
 from pipeline.model import load_base_model
 from pipeline.shapesworld import SHAPES, UNNAMED_SHAPES, draw_shape, random_sample, write_concept_images
 from pipeline.shapesworld_eval import bundled_dir, bundled_oracle, score_subject
-from pipeline.shapesworld_model import _malformed, make_dataset
+from pipeline.shapesworld_model import make_dataset, malformed_image
 
 
 def test_world_is_deterministic_and_never_names_the_unnamed():
@@ -57,7 +57,7 @@ def test_oracle_reads_clean_images_and_rejects_blobs():
     predicted = oracle.classify(images)
     assert np.mean([p == (s, c) for p, s, c in zip(predicted, shapes, colours, strict=True)]) >= 0.98
     rng = random.Random(7)
-    blobs = torch.stack([_malformed(rng) for _ in range(200)])
+    blobs = torch.stack([malformed_image(rng) for _ in range(200)])
     assert np.mean([p[0] == "none" for p in oracle.classify(blobs)]) >= 0.8
 
 
