@@ -49,8 +49,7 @@ class ConceptScores:
     reconstruction: float
     editability: float
     edited_shape: float
-    images: list[Image.Image] = field(default_factory=list, repr=False)
-    prompts: list[str] = field(default_factory=list, repr=False)
+    images: list[Image.Image] = field(default_factory=list, repr=False)  # one row per prompt, in order
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -96,7 +95,7 @@ def score_subject(
             edit += (got_shape, got_colour) == (want_shape, want_colour)
         else:
             recon += (got_shape, got_colour) == (want_shape, want_colour)
-    return ConceptScores(recon / samples, edit / edit_total, edit_shape / edit_total, images, prompts)
+    return ConceptScores(recon / samples, edit / edit_total, edit_shape / edit_total, images)
 
 
 def scores_grid(scores: ConceptScores, samples: int) -> Image.Image:
