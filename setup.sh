@@ -1,12 +1,25 @@
 #!/usr/bin/env bash
 # Creates .venv with oneword and its dev tools. Safe to run again: it only installs what is missing.
 #
+#   bash setup.sh          the Python environment (enough for the quick start and every CLI command)
+#   bash setup.sh --dev    also what the test suite needs outside Python: a real S3 server
+#                          (Ceph RADOS Gateway, from Debian packages; tests start it on 127.0.0.1)
+#
 # Order matters: torch is pinned to the CPU build that lies on this machine's disk *before*
 # anything else, so that no later requirement makes pip download a multi-GB CUDA build.
 # clip-anytorch is installed without its dependencies (it would pull torchvision): oneword
 # only reads the CLIP BPE vocabulary file it ships, to build the offline tokenizer.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+DEV=0
+for arg in "$@"; do
+    case "$arg" in
+        --dev) DEV=1 ;;
+        -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+        *) echo "setup.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
+    esac
+done
 
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${ONEWORD_TORCH_VERSION:-2.13.0}
@@ -25,3 +38,18 @@ if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.fi
     pip install --no-deps "clip-anytorch==2.6.0"
 fi
 .venv/bin/python -c "import torch, diffusers, transformers, pipeline; print(f'oneword ready: torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}')"
+
+if [ "$DEV" = 1 ]; then
+    have_ceph() {
+        for b in ceph-mon ceph-osd radosgw radosgw-admin monmaptool ceph-authtool ceph; do
+            command -v "$b" >/dev/null || return 1
+        done
+    }
+    if ! have_ceph; then
+        SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+        echo "installing Ceph (radosgw, ceph-mon, ceph-osd) from Debian packages for the S3 tests ..."
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq radosgw ceph-mon ceph-osd >/dev/null
+    fi
+    echo "dev tools ready: $(radosgw --version | head -1)"
+fi

@@ -54,7 +54,7 @@ SD15_TEXT = dict(
 
 
 def build_model(kind: str, device, dtype, workdir: Path):
-    """The tiny offline model from disk, or SD-1.5's architecture with random weights."""
+    """The tiny offline model from disk, the bundled ShapesWorld model, or SD-1.5's architecture with random weights."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -63,6 +63,8 @@ def build_model(kind: str, device, dtype, workdir: Path):
 
     if kind == "tiny":
         return load_base_model(build_tiny_model(workdir / "tiny"), device, dtype)
+    if kind == "shapesworld":
+        return load_base_model("shapesworld", device, dtype)
     torch.manual_seed(0)
     with torch.device(device):
         text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT, attn_implementation="sdpa"))
@@ -216,7 +218,7 @@ def describe_machine(device: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--model", choices=["tiny", "shapesworld", "sd15"], default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     parser.add_argument("--batch-size", type=int, default=4)

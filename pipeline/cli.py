@@ -5,6 +5,7 @@
     oneword train --images DIR --name NAME --init-word WORD --base-model PATH --out DIR
     oneword generate --base-model PATH --concept FILE "a photo of <NAME>" --out img.png
     oneword convert FILE --to a1111|diffusers --out FILE
+    oneword registry ls|show|rm|import|export|gc ...   browse and manage the concept registry
 
 Errors that come from the user's input print one ``oneword: error: ...`` line naming the file
 or field, and exit with status 2.
@@ -19,6 +20,25 @@ from pathlib import Path
 from typing import Any
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+REGISTRY_HELP = (
+    "registry location: s3://bucket/prefix or a folder (default: $ONEWORD_REGISTRY, else "
+    "~/.local/share/oneword/registry). S3 settings come from ONEWORD_S3_* variables or ONEWORD_S3_CONFIG"
+)
+
+REGISTRY_EPILOG = """\
+Concepts are addressed as NAME (the latest version) or NAME@VERSION. Versions are immutable;
+`rm` needs an explicit version. S3 endpoint and credentials come from the environment
+(ONEWORD_S3_ENDPOINT, ONEWORD_S3_ACCESS_KEY, ONEWORD_S3_SECRET_KEY, ONEWORD_S3_REGION) or from the
+YAML/JSON file named by ONEWORD_S3_CONFIG; they are never printed.
+
+examples:
+  oneword registry ls --registry s3://concepts/prod
+  oneword registry show my-dog
+  oneword registry export my-dog@20261126T122400.123456Z-3f9a1c --format a1111 --out my-dog.pt
+  oneword registry import downloaded.safetensors --name my-cat
+"""
 
 TRAIN_EPILOG = """\
 Every option may also come from --config FILE (YAML with the same field names, e.g.
@@ -96,13 +116,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="also write the concept in this format (repeatable)")  # fmt: skip
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--publish", action="store_true", help="publish the result as a new version in --registry")
+    p.add_argument("--registry", help=REGISTRY_HELP)
     _add_train_options(p)
 
     p = sub.add_parser("generate", help="generate images with learned concepts in the prompt")
     p.add_argument("prompt", help="e.g. 'a photo of <my-dog> on a beach'")
     p.add_argument("--base-model", required=True, help="diffusers model folder or hub id")
     p.add_argument("--concept", action="append", default=[], type=Path,
-                   help="concept file (learned_embeds.safetensors, A1111 .pt, kohya); repeatable")  # fmt: skip
+                   help="concept file (learned_embeds.safetensors, A1111 .pt, kohya); repeatable. "
+                   "Concepts in the prompt without a file come from --registry")  # fmt: skip
+    p.add_argument("--registry", help=REGISTRY_HELP)
     p.add_argument("--out", required=True, type=Path, help="PNG file; with --num-images > 1, a grid")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--num-images", type=int, default=1, help="images (seeds SEED, SEED+1, ...)")
@@ -143,7 +167,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["diffusers", "a1111"], required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--name", help="concept name (default: from the file)")
+
+    p = sub.add_parser("registry", help="browse and manage the concept registry", epilog=REGISTRY_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    rsub = p.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    r = rsub.add_parser("ls", help="list concept versions (newest last per name)")
+    r.add_argument("prefix", nargs="?", default="", help="only names starting with this")
+    r.add_argument("--limit", type=int, default=100, help="versions per page (default 100)")
+    r.add_argument("--after", help="continue after this NAME@VERSION (printed at the end of a full page)")
+    r.add_argument("--json", action="store_true", help="one JSON manifest per line")
+    r = rsub.add_parser("show", help="a version's manifest (latest if no @VERSION)")
+    r.add_argument("ref", metavar="NAME[@VERSION]")
+    r = rsub.add_parser("rm", help="delete one version")
+    r.add_argument("ref", metavar="NAME@VERSION")
+    r = rsub.add_parser("import", help="publish an embedding file (diffusers, A1111, kohya) as a new version")
+    r.add_argument("file", type=Path)
+    r.add_argument("--name", required=True, help="concept name in the registry")
+    r.add_argument("--base-model", help="model whose text encoder the file was learned on (recorded for checks)")
+    r = rsub.add_parser("export", help="write a version to a file")
+    r.add_argument("ref", metavar="NAME[@VERSION]")
+    r.add_argument("--format", choices=["diffusers", "a1111"], default="diffusers")
+    r.add_argument("--out", type=Path, required=True)
+    r = rsub.add_parser("gc", help="delete leftovers of interrupted publishes")
+    r.add_argument("--older-than-hours", type=float, default=1.0, help="only leftovers older than this (1)")
+    for r in rsub.choices.values():
+        r.add_argument("--registry", help=REGISTRY_HELP)
     return parser
+
+
+def _registry(location: str | None):
+    from pipeline.registry import Registry, default_registry_location
+
+    return Registry.open(location or default_registry_location())
 
 
 def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -165,6 +220,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pipeline.model import load_base_model, resolve_dtype
 
     validate_name(args.name)
+    registry = _registry(args.registry) if args.publish else None
     overrides = _train_overrides(args)
     config = load_config_file(args.config, overrides) if args.config else make_config(overrides, "options")
     device = _device(args.device)
@@ -178,14 +234,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         save_a1111(concept, args.out / f"{args.name}.{fmt}.pt")
     print(f"wrote {args.out}/learned_embeds.safetensors ({concept.num_vectors}x{concept.dim}, "
           f"final loss {concept.final_loss:.4f}) and {args.out}/samples.png")  # fmt: skip
+    if args.publish:
+        manifest = registry.publish(concept, metrics={"final_loss": concept.final_loss})
+        print(f"published <{manifest.ref}> to {registry.location}")
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from pipeline.concepts import concept_refs
     from pipeline.errors import InputError
     from pipeline.formats import load_concept_file
     from pipeline.generation import ImageGenerator, check_compatible, image_grid
     from pipeline.model import load_base_model, resolve_dtype
+    from pipeline.registry import ConceptNotFoundError
 
     if args.size is not None and (args.size < 8 or args.size % 8):
         raise InputError(f"--size {args.size}: must be a positive multiple of 8")
@@ -198,6 +259,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         concept = load_concept_file(path, dim=model.embedding_dim)
         check_compatible(concept, model)
         concepts[concept.name] = concept.vectors
+    missing = [ref for ref in concept_refs(args.prompt + " " + args.negative) if ref.key not in concepts]
+    if missing:
+        registry = _registry(args.registry)
+        for ref in missing:
+            try:
+                _, concept = registry.get(ref.name, ref.version)
+            except ConceptNotFoundError as err:
+                raise ConceptNotFoundError(
+                    f"prompt references <{ref.key}>: no --concept file gives it, and {err}"
+                ) from None
+            check_compatible(concept, model)
+            concepts[ref.key] = concept.vectors
     images = ImageGenerator(model).generate(
         [args.prompt] * args.num_images,
         concepts,
@@ -269,6 +342,58 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_registry(args: argparse.Namespace) -> int:
+    import json
+    from datetime import timedelta
+
+    from pipeline.errors import InputError
+    from pipeline.formats import EXPORT_FORMATS, load_concept_file
+    from pipeline.registry import manifest_summary, parse_ref
+
+    registry = _registry(args.registry)
+    action = args.registry_command
+    if action == "ls":
+        page = registry.list(args.prefix, limit=args.limit, after=args.after)
+        for m in page.manifests:
+            if args.json:
+                print(json.dumps(manifest_summary(m)))
+            else:
+                loss = m.metrics.get("final_loss")
+                print(
+                    f"{m.name:<24} {m.version}  {m.num_vectors}x{m.dim}  "
+                    f"{'loss ' + format(loss, '.4f') if loss is not None else '':<11} {m.job_id or ''}".rstrip()
+                )
+        if page.next_after:
+            print(f"# more: oneword registry ls {args.prefix} --after {page.next_after}".replace("  ", " "),
+                  file=sys.stderr)  # fmt: skip
+        if not page.manifests and not args.json:
+            print(f"# no concepts in {registry.location}", file=sys.stderr)
+    elif action == "show":
+        print(json.dumps(manifest_summary(registry.manifest(*parse_ref(args.ref))), indent=2))
+    elif action == "rm":
+        name, version = parse_ref(args.ref)
+        if version is None:
+            raise InputError(f"{args.ref}: rm needs an explicit version, NAME@VERSION (see `oneword registry ls`)")
+        registry.delete(name, version)
+        print(f"deleted <{name}@{version}> from {registry.location}")
+    elif action == "import":
+        concept = load_concept_file(args.file, name=args.name)
+        if args.base_model:
+            from pipeline.model import load_base_model
+
+            concept.base_model = load_base_model(args.base_model, "cpu").identity
+        manifest = registry.publish(concept)
+        print(f"published <{manifest.ref}> ({concept.num_vectors}x{concept.dim}) to {registry.location}")
+    elif action == "export":
+        _, concept = registry.get(*parse_ref(args.ref))
+        EXPORT_FORMATS[args.format](concept, args.out)
+        print(f"wrote {args.out} ({args.format}, <{concept.name}@{concept.extra['version']}>)")
+    elif action == "gc":
+        removed = registry.gc(timedelta(hours=args.older_than_hours))
+        print(f"removed {len(removed)} leftover objects from {registry.location}")
+    return 0
+
+
 def _device(name: str | None):
     import torch
 
@@ -302,19 +427,20 @@ COMMANDS = {
     "example-images": _cmd_example_images,
     "shapesworld-score": _cmd_shapesworld_score,
     "convert": _cmd_convert,
+    "registry": _cmd_registry,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
-    from pipeline.errors import InputError
+    from pipeline.errors import InputError, OnewordError
 
     try:
         return COMMANDS[args.command](args)
-    except InputError as err:
+    except OnewordError as err:
         print(f"oneword: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_USAGE if isinstance(err, InputError) else EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pipeline.errors import InputError
 
 NAME_PATTERN = r"[a-z0-9_-]{1,64}"
 NAME_RULE = "1-64 characters from lowercase letters a-z, digits 0-9, '-' and '_'"
-_NAME_RE = re.compile(rf"^{NAME_PATTERN}$")
+_NAME_RE = re.compile(NAME_PATTERN)
 # A reference: <name> or <name@version>. Versions use the same safe alphabet plus '.'.
 _REFERENCE_RE = re.compile(rf"<({NAME_PATTERN})(?:@([A-Za-z0-9._-]{{1,64}}))?>")
 
@@ -48,7 +48,7 @@ class PromptTooLongError(PromptError):
 
 def validate_name(name: str) -> str:
     """Returns ``name`` if it is a valid concept name, else raises with the rule."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise InvalidNameError(f"invalid concept name {name!r}: use {NAME_RULE}")
     return name
 

@@ -10,8 +10,6 @@ Nothing is unpickled: legacy ``.pt``/``.bin`` files are read with ``torch.load(w
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from pipeline.concepts import placeholder, validate_name
 from pipeline.errors import InputError
+from pipeline.storage import atomic_write
 
 DIFFUSERS_FILENAME = "learned_embeds.safetensors"
 METADATA_FILENAME = "concept.json"
@@ -82,25 +81,13 @@ class LearnedConcept:
         }
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Writes via a temporary file in the same folder and renames: no half-written files."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 # --- writing --------------------------------------------------------------------------------------
 
 
 def save_diffusers(concept: LearnedConcept, path: Path) -> Path:
     """diffusers' ``learned_embeds.safetensors``, with oneword's metadata in the header."""
     header = {"format": "pt", "oneword": json.dumps(concept.metadata())}
-    _atomic_write(path, lambda tmp: save_file({concept.placeholder: concept.vectors}, str(tmp), metadata=header))
+    atomic_write(path, lambda tmp: save_file({concept.placeholder: concept.vectors}, str(tmp), metadata=header))
     return path
 
 
@@ -114,7 +101,7 @@ def save_a1111(concept: LearnedConcept, path: Path) -> Path:
         "sd_checkpoint": None,
         "sd_checkpoint_name": None,
     }
-    _atomic_write(path, lambda tmp: torch.save(data, tmp))
+    atomic_write(path, lambda tmp: torch.save(data, tmp))
     return path
 
 
@@ -123,7 +110,7 @@ def save_concept(concept: LearnedConcept, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     path = save_diffusers(concept, out_dir / DIFFUSERS_FILENAME)
     text = json.dumps(concept.metadata(), indent=2) + "\n"
-    _atomic_write(out_dir / METADATA_FILENAME, lambda tmp: tmp.write_text(text))
+    atomic_write(out_dir / METADATA_FILENAME, lambda tmp: tmp.write_text(text))
     return path
 
 

@@ -224,9 +224,14 @@ BUNDLED_MODELS = {"shapesworld": ("assets", "shapesworld", "model")}
 
 
 def resolve_model_source(source: str | Path) -> str:
-    """A bundled model's name becomes its folder inside the package; anything else is unchanged."""
+    """A bundled model's name becomes its folder inside the package, an ``s3://`` location its
+    verified local copy (downloaded once, see ``pipeline.model_cache``); anything else is unchanged."""
     if str(source) in BUNDLED_MODELS:
         return str(resources.files("pipeline").joinpath(*BUNDLED_MODELS[str(source)]))
+    if str(source).startswith("s3://"):
+        from pipeline.model_cache import fetch_model
+
+        return str(fetch_model(str(source))[0])
     return str(source)
 
 
@@ -235,8 +240,9 @@ def load_base_model(
 ) -> BaseModel:
     """Loads tokenizer, text encoder, VAE, UNet and the training noise schedule, all frozen.
 
-    ``source`` is a diffusers-layout folder, a hub id (resolved through the normal cache) or the
-    name of a bundled model ("shapesworld"). Weights get ``requires_grad=False`` and eval mode;
+    ``source`` is a diffusers-layout folder, a hub id (resolved through the normal cache), an
+    ``s3://bucket/prefix`` holding such a folder, or the name of a bundled model ("shapesworld").
+    Weights get ``requires_grad=False`` and eval mode;
     attention uses PyTorch SDPA.
     """
     source = resolve_model_source(source)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests never touch the user's default registry or model cache.
+os.environ["ONEWORD_REGISTRY"] = os.path.join(tempfile.mkdtemp(prefix="oneword-test-registry-"), "registry")
+os.environ["ONEWORD_CACHE"] = tempfile.mkdtemp(prefix="oneword-test-cache-")
 
 from pathlib import Path
 
@@ -53,3 +57,52 @@ def small_config(**overrides) -> InversionConfig:
     values = dict(steps=20, batch_size=2, learning_rate=5e-3, init_word="shape", seed=3, checkpoint_interval=5)
     values.update(overrides)
     return InversionConfig(**values)
+
+
+# --- object storage: one real S3 server (Ceph RGW on 127.0.0.1) per test session ----------------
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    from tests.ceph_rgw import CephRGW
+
+    server = CephRGW(tmp_path_factory.mktemp("ceph-rgw")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_settings(s3_server):
+    from pipeline.storage import S3Settings
+
+    return S3Settings.from_env({**s3_server.env, "ONEWORD_S3_RETRIES": "2"})
+
+
+_bucket_counter = iter(range(1_000_000))
+
+
+@pytest.fixture
+def s3_bucket(s3_settings) -> str:
+    """A new, empty bucket for one test."""
+    name = f"test-{os.getpid()}-{next(_bucket_counter)}"
+    s3_settings.client().make_bucket(bucket_name=name)
+    return name
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch) -> dict[str, str]:
+    """The server's settings in this process's environment (for the CLI and subprocesses)."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("ONEWORD_S3_RETRIES", "2")
+    return dict(s3_server.env)
+
+
+@pytest.fixture(params=["folder", "s3"])
+def storage_location(request, tmp_path) -> str:
+    """The same registry tests against both backends: a folder, and a prefix in a real bucket."""
+    if request.param == "folder":
+        return str(tmp_path / "registry")
+    bucket = request.getfixturevalue("s3_bucket")
+    request.getfixturevalue("s3_env")
+    return f"s3://{bucket}/registry"

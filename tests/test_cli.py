@@ -111,7 +111,9 @@ def test_generate_renders_concepts_and_refuses_foreign_ones(tiny_model_dir, tmp_
     assert main([*args[:-2], "--out", str(tmp_path / "b.png"), "--size", "30"]) == 2
     assert "--size 30: must be a positive multiple of 8" in capsys.readouterr().err
     assert main(["generate", "a <nobody>", "--base-model", str(tiny_model_dir), "--out", str(tmp_path / "c.png")]) == 2
-    assert "prompt references <nobody> but no vectors were given for it" in capsys.readouterr().err
+    assert "prompt references <nobody>: no --concept file gives it, and no concept named 'nobody' in registry" in (
+        capsys.readouterr().err
+    )
     assert not any((tmp_path / n).exists() for n in ("a.png", "b.png", "c.png"))
 
 
