@@ -6,6 +6,9 @@
     oneword generate --base-model PATH --concept FILE "a photo of <NAME>" --out img.png
     oneword convert FILE --to a1111|diffusers --out FILE
     oneword registry ls|show|rm|import|export|gc ...   browse and manage the concept registry
+    oneword submit jobs.yaml [--address http://HEAD:8265 | ray://HEAD:10001]   a bulk job on Ray
+    oneword status jobs.yaml [--watch]          per-concept state, step, loss, ETA
+    oneword cancel jobs.yaml --address ...      stop a job (checkpoints are kept)
 
 Errors that come from the user's input print one ``oneword: error: ...`` line naming the file
 or field, and exit with status 2.
@@ -192,7 +195,36 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--older-than-hours", type=float, default=1.0, help="only leftovers older than this (1)")
     for r in rsub.choices.values():
         r.add_argument("--registry", help=REGISTRY_HELP)
+
+    p = sub.add_parser("submit", help="run a bulk job (many concepts) on Ray", epilog=SUBMIT_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("manifest", type=Path, help="the job manifest (YAML/JSON)")
+    p.add_argument("--address", help="http://HEAD:8265 (Jobs API) or ray://HEAD:10001 (Ray Client); "
+                   "default: an embedded local Ray")  # fmt: skip
+    p.add_argument("--watch", action="store_true", help="after submitting, show live progress until the job ends")
+    p = sub.add_parser("status", help="a bulk job's per-concept state, step, loss and ETA")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--watch", action="store_true", help="live progress bars until the job ends")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("cancel", help="stop a running bulk job (checkpoints are kept for a resubmit)")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--address", required=True, help="where it was submitted: http://HEAD:8265 or ray://HEAD:10001")
+    p = sub.add_parser("run-job", help=argparse.SUPPRESS)  # the driver's entrypoint on a cluster
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--submission-id")
     return parser
+
+
+SUBMIT_EPILOG = """\
+The manifest (YAML or JSON) names the job, the base model, the registry, the checkpoint storage,
+defaults for the training config and the concepts; see docs/bulk-jobs.md. Each concept is one
+Ray Train run; the same manifest submitted again skips concepts this job already published and
+resumes the others from their checkpoints.
+
+  oneword submit jobs.yaml                                  embedded local Ray, waits, prints a summary
+  oneword submit jobs.yaml --address http://head:8265       Ray Jobs API (the driver runs on the cluster)
+  oneword submit jobs.yaml --address ray://head:10001       Ray Client (driver as a detached actor)
+"""
 
 
 def _registry(location: str | None):
@@ -394,6 +426,60 @@ def _cmd_registry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.errors import InputError
+    from pipeline.job_spec import load_job_spec
+    from pipeline.job_submission import format_status, run_local, submit_jobs_api, submit_ray_client, watch
+
+    spec = load_job_spec(args.manifest)
+    if args.address is None:
+        summary = run_local(spec)
+        print(summary.table())
+        return 0 if summary.ok else EXIT_FAILURE
+    if args.address.startswith("http://") or args.address.startswith("https://"):
+        handle = submit_jobs_api(spec, args.address)
+    elif args.address.startswith("ray://"):
+        handle = submit_ray_client(spec, args.address)
+    else:
+        raise InputError(f"--address {args.address}: use http://HEAD:8265 (Jobs API) or ray://HEAD:10001 (Ray Client)")
+    print(f"submitted job {spec.job} ({handle}); follow it with: oneword status {args.manifest} --watch")
+    if args.watch:
+        status = watch(spec, address=args.address, submission_id=handle if args.address.startswith("http") else None)
+        print(format_status(status))
+        return 0 if status["state"] == "succeeded" else EXIT_FAILURE
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.job_spec import load_job_spec
+    from pipeline.job_submission import format_status, read_status, status_json, watch
+
+    spec = load_job_spec(args.manifest)
+    status = watch(spec) if args.watch else read_status(spec)
+    print(status_json(status) if args.json else format_status(status))
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from pipeline.job_spec import load_job_spec
+    from pipeline.job_submission import cancel
+
+    spec = load_job_spec(args.manifest)
+    print(f"job {spec.job}: {cancel(spec, args.address)}; checkpoints are kept, submit again to resume")
+    return 0
+
+
+def _cmd_run_job(args: argparse.Namespace) -> int:
+    from pipeline.bulk_training import ray_init_for_job, run_job
+    from pipeline.job_spec import load_job_spec
+
+    spec = load_job_spec(args.manifest)
+    ray_init_for_job("auto")
+    summary = run_job(spec, submission_id=args.submission_id)
+    print(summary.table())
+    return 0 if summary.ok else EXIT_FAILURE
+
+
 def _device(name: str | None):
     import torch
 
@@ -428,6 +514,10 @@ COMMANDS = {
     "shapesworld-score": _cmd_shapesworld_score,
     "convert": _cmd_convert,
     "registry": _cmd_registry,
+    "submit": _cmd_submit,
+    "status": _cmd_status,
+    "cancel": _cmd_cancel,
+    "run-job": _cmd_run_job,
 }
 
 

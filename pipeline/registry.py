@@ -220,6 +220,17 @@ class Registry:
             raise CorruptConceptError(f"{where}: manifest names another version")
         return manifest
 
+    def find(self, name: str, job_id: str) -> Manifest | None:
+        """The newest version of ``name`` published by job ``job_id``, if any (for idempotent jobs)."""
+        for version in reversed(self.versions(name)):
+            try:
+                manifest = self.manifest(name, version)
+            except ConceptNotFoundError:  # deleted meanwhile
+                continue
+            if manifest.job_id == job_id:
+                return manifest
+        return None
+
     def get(self, name: str, version: str | None = None) -> tuple[Manifest, LearnedConcept]:
         """The concept ``name@version`` (latest if no version), checksum verified."""
         manifest = self.manifest(name, version)

@@ -1,9 +1,20 @@
-"""Shared fixtures: one tiny model and one set of concept images per test session."""
+"""Shared fixtures: one tiny model, one set of concept images, one S3 server and one Ray head
+per test session.
+
+The whole session runs in a loopback-only network namespace: Ray listens on every interface
+and advertises the machine's address, so pytest re-executes itself under ``unshare -n`` (with
+``lo`` up) before anything starts. Everything the tests start then lives on 127.0.0.1 of that
+namespace, which nothing outside can reach and from which nothing outside is reachable.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
+from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -20,6 +31,19 @@ from pipeline.config import InversionConfig
 from pipeline.data import load_images
 from pipeline.model import TINY_TEXT_CONFIG, BaseModel, build_tiny_model, load_base_model
 from pipeline.shapesworld import write_concept_images
+
+
+def pytest_configure(config) -> None:
+    """Re-executes this pytest run inside a loopback-only network namespace (see the docstring)."""
+    if os.environ.get("ONEWORD_TEST_NETNS") == "1" or sys.platform != "linux" or not shutil.which("unshare"):
+        return
+    os.environ["ONEWORD_TEST_NETNS"] = "1"
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.stop_global_capturing()  # hand the real stdout/stderr to the new process
+    isolate = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
+    command = [*isolate, "--", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', sys.executable, "-m", "pytest"]
+    os.execvp("unshare", command + sys.argv[1:])
 
 
 @pytest.fixture(scope="session")
@@ -106,3 +130,32 @@ def storage_location(request, tmp_path) -> str:
     bucket = request.getfixturevalue("s3_bucket")
     request.getfixturevalue("s3_env")
     return f"s3://{bucket}/registry"
+
+
+# --- Ray: one head node per test session, with the S3 server's settings in its environment -------
+
+
+@dataclass
+class RayHead:
+    jobs_api: str  # http://127.0.0.1:PORT
+    client: str  # ray://127.0.0.1:PORT
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3_server):
+    from tests.ceph_rgw import free_port
+
+    venv_bin = os.path.dirname(sys.executable)
+    env = {**os.environ, **s3_server.env, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{venv_bin}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    dashboard, client = free_port(), free_port()
+    subprocess.run([os.path.join(venv_bin, "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+                    f"--port={free_port()}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                    f"--ray-client-server-port={client}", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=120)  # fmt: skip
+    try:
+        yield RayHead(f"http://127.0.0.1:{dashboard}", f"ray://127.0.0.1:{client}", env)
+    finally:
+        subprocess.run([os.path.join(venv_bin, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)

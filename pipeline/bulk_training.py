@@ -1,0 +1,355 @@
+"""Bulk concept jobs on Ray Train: one ``TorchTrainer`` run per concept, many at once.
+
+    run_job(spec)                            the driver: up to max_concurrent concepts at a time
+      └─ train_one (a Ray task per concept)  skip if this job already published it; check the
+           │                                 images (a bad concept fails at once, without retries);
+           │                                 fit(); publish the final vectors with the job's id
+           └─ TorchTrainer(train_loop)       num_workers=1, the concept's GPU fraction / CPUs;
+                                             RunConfig(name="<job>--<concept>", checkpoint
+                                             storage, FailureConfig, CheckpointConfig)
+
+``train_loop`` drives the inversion engine, reports metrics at every log interval and the
+engine's full state as a checkpoint at every checkpoint interval, and starts from
+``ray.train.get_checkpoint()`` after a restart, so a killed worker costs at most one interval
+and the result is bit-identical (on CPU) to an uninterrupted run. Because run names are
+deterministic, submitting the same manifest again resumes unfinished concepts from their
+checkpoints and skips the ones already published for this job.
+
+Progress for ``oneword status`` lives next to the checkpoints: ``<job>/status.json`` (the
+driver's view, per concept) and ``<job>/progress/<concept>.json`` (the worker's step and loss).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.data import IMAGE_SUFFIXES, load_images
+from pipeline.errors import OnewordError
+from pipeline.job_spec import JobSpec
+from pipeline.storage import S3Settings, Storage, open_storage, parse_s3_location
+
+STATE_FILE = "state.pt"
+# Environment every Ray process of a job gets: one thread per worker (many share a node) and
+# pyarrow's S3 uploads in the form Ceph RGW and MinIO accept.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED"}
+
+
+# --- where things live ----------------------------------------------------------------------------
+
+
+def train_storage(location: str):
+    """``RunConfig`` storage for a location: (storage_path, pyarrow filesystem or None)."""
+    if not location.startswith("s3://"):
+        return str(Path(location).expanduser().absolute()), None
+    import pyarrow.fs
+
+    bucket, prefix = parse_s3_location(location)
+    settings = S3Settings.from_env()
+    secret = lambda value: value.get_secret_value() if value is not None else None  # noqa: E731
+    filesystem = pyarrow.fs.S3FileSystem(
+        endpoint_override=settings.endpoint,
+        scheme="https" if settings.secure else "http",
+        access_key=secret(settings.access_key),
+        secret_key=secret(settings.secret_key),
+        region=settings.region,
+        retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=max(settings.retries, 1) + 5),
+    )
+    return f"{bucket}/{prefix}".rstrip("/"), filesystem
+
+
+def fetch_images(location: str, dest: Path) -> Path:
+    """A folder holding the concept's images: the folder itself, or a download of an S3 prefix."""
+    if not location.startswith("s3://"):
+        return Path(location).expanduser()
+    storage = open_storage(location)
+    for info in storage.list(""):
+        if Path(info.key).suffix.lower() in IMAGE_SUFFIXES:
+            storage.download(info.key, dest / info.key.replace("/", "__"))
+    return dest
+
+
+def job_storage(spec: JobSpec) -> Storage:
+    return open_storage(spec.checkpoint_storage)
+
+
+def _write_json(storage: Storage, key: str, value: dict[str, Any]) -> None:
+    storage.put(key, json.dumps(value, indent=2, default=str).encode())
+
+
+def read_json(storage: Storage, key: str) -> dict[str, Any] | None:
+    from pipeline.storage import ObjectNotFoundError
+
+    try:
+        return json.loads(storage.get(key))
+    except ObjectNotFoundError:
+        return None
+
+
+def progress_key(job: str, concept: str) -> str:
+    return f"{job}/progress/{concept}.json"
+
+
+def status_key(job: str) -> str:
+    return f"{job}/status.json"
+
+
+# --- the worker: one concept's training loop ------------------------------------------------------
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs on the Ray Train worker (see the module docstring)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from pipeline.inversion import Inversion
+    from pipeline.model import load_base_model, resolve_dtype
+
+    torch.set_num_threads(1)
+    spec = JobSpec(**config["spec"])
+    concept = next(c for c in spec.concepts if c.name == config["concept"])
+    inversion_config = spec.config_for(concept)
+    storage, key = job_storage(spec), progress_key(spec.job, concept.name)
+    previous = read_json(storage, key) or {}
+    attempt = int(previous.get("attempt", 0)) + 1
+
+    device = ray.train.torch.get_device()
+    model = load_base_model(spec.base_model, device, resolve_dtype(inversion_config.precision, device))
+    resolution = inversion_config.resolution or model.resolution
+    with tempfile.TemporaryDirectory() as tmp:
+        images = load_images(fetch_images(concept.images, Path(tmp)), resolution, inversion_config.min_image_side)
+    engine = Inversion(model, images, inversion_config, concept.name)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            engine.load_state_dict(torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True))
+    resumed_from = engine.step_count
+    started = time.time()
+
+    def progress(state: str) -> None:
+        done = engine.step_count - resumed_from
+        eta = (time.time() - started) / done * (inversion_config.steps - engine.step_count) if done else None
+        _write_json(storage, key, {"concept": concept.name, "state": state, "step": engine.step_count,
+                                   "steps": inversion_config.steps, "loss": engine.last_loss, "eta_seconds": eta,
+                                   "attempt": attempt, "resumed_from": resumed_from, "pid": os.getpid(),
+                                   "updated_at": datetime.now(UTC).isoformat()})  # fmt: skip
+
+    def report(with_checkpoint: bool) -> None:
+        metrics = {"step": engine.step_count, "loss": engine.last_loss, "attempt": attempt}
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(engine.state_dict(), Path(folder) / STATE_FILE)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+    progress("running")
+    interval, log_interval = inversion_config.checkpoint_interval, inversion_config.log_interval
+    while engine.step_count < inversion_config.steps:
+        engine.step()
+        step = engine.step_count
+        if step % interval == 0 or step == inversion_config.steps:
+            report(with_checkpoint=True)
+        elif step % log_interval == 0:
+            report(with_checkpoint=False)
+        if step % log_interval == 0 or step == inversion_config.steps:
+            progress("running")
+    if resumed_from == inversion_config.steps:  # finished before; the driver still needs a result
+        report(with_checkpoint=True)
+    progress("trained")
+
+
+# --- the per-concept task -------------------------------------------------------------------------
+
+
+@dataclass
+class ConceptOutcome:
+    """One concept's line in the job summary."""
+
+    name: str
+    state: str  # published | skipped | failed
+    version: str | None = None
+    steps: int | None = None
+    final_loss: float | None = None
+    attempts: int = 0
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def _check_images(spec: JobSpec, name: str) -> str | None:
+    """The reason a concept cannot train (missing or invalid images), or None."""
+    concept = next(c for c in spec.concepts if c.name == name)
+    config = spec.config_for(concept)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = fetch_images(concept.images, Path(tmp))
+            if not folder.exists():
+                return f"images: {concept.images}: no such folder"
+            load_images(folder, config.resolution or 8, config.min_image_side or 1)
+    except OnewordError as err:
+        return f"images: {err}"
+    return None
+
+
+def train_one(spec_data: dict[str, Any], name: str) -> dict[str, Any]:
+    """Learns and publishes one concept (a Ray task); never raises, returns its outcome."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.formats import LearnedConcept
+    from pipeline.model import load_base_model
+    from pipeline.registry import Registry
+
+    started = time.time()
+    spec = JobSpec(**spec_data)
+    concept = next(c for c in spec.concepts if c.name == name)
+    outcome = ConceptOutcome(name=name, state="failed")
+    try:
+        registry = Registry.open(spec.registry)
+        done = registry.find(name, job_id=spec.job)
+        if done is not None:
+            return asdict(ConceptOutcome(name, "skipped", done.version, done.steps, done.metrics.get("final_loss")))
+        reason = _check_images(spec, name)
+        if reason is not None:
+            outcome.error = reason
+            return asdict(outcome)
+        storage_path, filesystem = train_storage(spec.checkpoint_storage)
+        import ray
+
+        use_gpu = spec.resources.gpu > 0 and ray.cluster_resources().get("GPU", 0) > 0
+        resources = {"CPU": spec.resources.cpu, **({"GPU": spec.resources.gpu} if use_gpu else {})}
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"spec": spec_data, "concept": name},
+            scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(
+                name=spec.run_name(name),
+                storage_path=storage_path,
+                storage_filesystem=filesystem,
+                failure_config=FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
+            ),
+        )
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        progress = read_json(job_storage(spec), progress_key(spec.job, name)) or {}
+        model_identity = load_base_model(spec.base_model, "cpu").identity
+        learned = LearnedConcept(
+            name=name,
+            vectors=torch.stack(state["vectors"]),
+            base_model=model_identity,
+            steps=int(state["step"]),
+            final_loss=float(state["last_loss"]),
+            config={**state["config"], "init_word": concept.init_word, "images": concept.images},
+        )
+        manifest = registry.publish(learned, metrics={"final_loss": learned.final_loss}, job_id=spec.job)
+        outcome = ConceptOutcome(name, "published", manifest.version, learned.steps, learned.final_loss,
+                                 attempts=int(progress.get("attempt", 1)))  # fmt: skip
+    except Exception as err:  # one concept's failure never stops the others: it becomes its outcome
+        outcome.error = _describe_failure(err)
+    outcome.seconds = round(time.time() - started, 1)
+    return asdict(outcome)
+
+
+def _describe_failure(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    last = next((line for line in reversed(text) if line.strip()), type(err).__name__)
+    return f"{type(err).__name__}: {last}"[:500]
+
+
+# --- the driver -----------------------------------------------------------------------------------
+
+
+@dataclass
+class JobSummary:
+    job: str
+    outcomes: list[ConceptOutcome] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(o.state in ("published", "skipped") for o in self.outcomes)
+
+    def table(self) -> str:
+        lines = [f"{'concept':<24}{'state':<11}{'version':<32}{'steps':>7}{'loss':>9}{'attempts':>10}  error"]
+        for o in self.outcomes:
+            loss = f"{o.final_loss:.4f}" if o.final_loss is not None else ""
+            lines.append(f"{o.name:<24}{o.state:<11}{o.version or '':<32}{o.steps or '':>7}{loss:>9}"
+                         f"{o.attempts or '':>10}  {o.error or ''}".rstrip())  # fmt: skip
+        counts = {s: sum(o.state == s for o in self.outcomes) for s in ("published", "skipped", "failed")}
+        lines.append(f"job {self.job}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+        return "\n".join(lines)
+
+
+def run_job(spec: JobSpec, submission_id: str | None = None, poll_seconds: float = 2.0) -> JobSummary:
+    """Runs every concept of ``spec`` on the connected Ray cluster; returns when all have ended."""
+    import ray
+
+    task = ray.remote(num_cpus=0, max_retries=0)(train_one)
+    spec_data = spec.model_dump(mode="json")
+    storage = job_storage(spec)
+    pending = [c.name for c in spec.concepts]
+    running: dict[Any, str] = {}
+    outcomes: dict[str, ConceptOutcome] = {}
+    started_at = datetime.now(UTC).isoformat()
+
+    def write_status(state: str) -> None:
+        concepts = {name: {"state": "pending"} for name in pending}
+        concepts.update({name: {"state": "running"} for name in running.values()})
+        concepts.update({name: asdict(o) for name, o in outcomes.items()})
+        now = datetime.now(UTC).isoformat()
+        record = {"job": spec.job, "state": state, "submission_id": submission_id, "started_at": started_at,
+                  "updated_at": now, "concepts": concepts}  # fmt: skip
+        _write_json(storage, status_key(spec.job), record)
+
+    write_status("running")
+    while pending or running:
+        while pending and len(running) < spec.max_concurrent:
+            name = pending.pop(0)
+            running[task.remote(spec_data, name)] = name
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=poll_seconds)
+        for ref in ready:
+            name = running.pop(ref)
+            try:
+                outcomes[name] = ConceptOutcome(**ray.get(ref))
+            except Exception as err:  # the task itself died (its node was lost, say)
+                outcomes[name] = ConceptOutcome(name, "failed", error=_describe_failure(err))
+            print(f"[{spec.job}] {name}: {outcomes[name].state}"
+                  f"{' ' + outcomes[name].version if outcomes[name].version else ''}"
+                  f"{' (' + outcomes[name].error + ')' if outcomes[name].error else ''}", flush=True)  # fmt: skip
+        write_status("running")
+    summary = JobSummary(spec.job, [outcomes[c.name] for c in spec.concepts])
+    write_status("succeeded" if summary.ok else "failed")
+    return summary
+
+
+def ray_init_for_job(address: str | None = None) -> None:
+    """Connects this process to Ray (a cluster's, or an embedded local one) with the job's env."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"):  # a Jobs API entrypoint: env already set
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+
+
+class JobFailedError(OnewordError):
+    """At least one concept of the job failed (the summary says which and why)."""
+
+
+def describe_unusable_gpu(spec: JobSpec) -> str | None:
+    import ray
+
+    if spec.resources.gpu > 0 and ray.cluster_resources().get("GPU", 0) == 0:
+        return f"resources.gpu {spec.resources.gpu}: this cluster has no GPUs; concepts run on CPUs"
+    return None

@@ -1,0 +1,237 @@
+"""Bulk concept jobs on a real Ray head (Jobs API and Ray Client), with checkpoints and the
+registry in a real S3 server; faults: a killed Train worker, a cancelled and resubmitted driver."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.bulk_training import job_storage, progress_key, read_json
+from pipeline.config import ConfigError
+from pipeline.data import load_images
+from pipeline.inversion import Inversion
+from pipeline.job_spec import load_job_spec, parse_job_spec
+from pipeline.model import load_base_model
+from pipeline.registry import Registry
+
+DEFAULTS = {"batch_size": 2, "log_interval": 5, "learning_rate": 5e-3, "seed": 3}
+
+
+def write_manifest(path: Path, job: str, bucket: str, model_dir: Path, concepts: list[dict], **extra) -> Path:
+    spec = {
+        "job": job,
+        "base_model": str(model_dir),
+        "registry": f"s3://{bucket}/registry",
+        "checkpoint_storage": f"s3://{bucket}/checkpoints",
+        "defaults": {**DEFAULTS, "steps": 20},
+        "checkpoint_interval": 10,
+        "max_concurrent": 2,
+        "max_failures": 2,
+        "resources": {"cpu": 0.5},
+        "concepts": concepts,
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def oneword(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def reference_vectors(model_dir: Path, images_dir: Path, steps: int) -> torch.Tensor:
+    """The same concept trained in this process with the engine alone, one thread like a worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        spec = parse_job_spec(yaml.safe_dump({"job": "ref", "base_model": str(model_dir), "registry": "r",
+                                              "checkpoint_storage": "c", "defaults": {**DEFAULTS, "steps": steps},
+                                              "concepts": [{"name": "ref", "images": str(images_dir),
+                                                            "init_word": "shape"}]}))  # fmt: skip
+        model = load_base_model(model_dir, "cpu")
+        config = spec.config_for(spec.concepts[0])
+        engine = Inversion(model, load_images(images_dir, model.resolution), config, "ref")
+        for _ in range(steps):
+            engine.step()
+        return engine.learned_vectors()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def status_of(manifest: Path, env: dict[str, str]) -> dict:
+    result = oneword("status", str(manifest), "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_job_via_jobs_api_publishes_reports_failures_and_is_idempotent(
+    ray_head, s3_bucket, tiny_model_dir, star_dir, tmp_path
+):
+    concepts = [{"name": "star-a", "images": str(star_dir), "init_word": "shape"},
+                {"name": "star-b", "images": str(star_dir), "init_word": "shape"},
+                {"name": "broken", "images": str(tmp_path / "missing"), "init_word": "shape"}]  # fmt: skip
+    manifest = write_manifest(tmp_path / "jobs.yaml", "api-job", s3_bucket, tiny_model_dir, concepts)
+    env = ray_head.env
+
+    result = oneword("submit", str(manifest), "--address", ray_head.jobs_api, "--watch", env=env)
+    assert result.returncode == 1, result.stderr  # one concept failed
+    status = status_of(manifest, env)
+    assert status["state"] == "failed"
+    states = {name: entry["state"] for name, entry in status["concepts"].items()}
+    assert states == {"star-a": "published", "star-b": "published", "broken": "failed"}
+    assert (
+        "no such folder" in status["concepts"]["broken"]["error"] and "missing" in status["concepts"]["broken"]["error"]
+    )
+
+    os.environ.update({k: v for k, v in env.items() if k.startswith("ONEWORD_S3_")})
+    registry = Registry.open(f"s3://{s3_bucket}/registry")
+    a, b = (registry.get(name) for name in ("star-a", "star-b"))
+    assert a[0].job_id == b[0].job_id == "api-job" and a[0].steps == 20 and a[0].metrics["final_loss"] > 0
+    expected = reference_vectors(tiny_model_dir, star_dir, 20)
+    assert torch.equal(a[1].vectors, expected) and torch.equal(b[1].vectors, expected)  # Ray run == local engine
+
+    again = oneword("submit", str(manifest), "--address", ray_head.jobs_api, "--watch", env=env)
+    assert again.returncode == 1
+    status = status_of(manifest, env)
+    assert {n: e["state"] for n, e in status["concepts"].items()} == {"star-a": "skipped", "star-b": "skipped",
+                                                                      "broken": "failed"}  # fmt: skip
+    assert status["concepts"]["star-a"]["version"] == a[0].version
+    assert registry.versions("star-a") == [a[0].version]  # nothing retrained or republished
+
+
+def test_killed_train_worker_resumes_from_its_checkpoint_bit_identically(
+    ray_head, s3_bucket, tiny_model_dir, star_dir, tmp_path
+):
+    steps, interval = 120, 20
+    concepts = [{"name": "sturdy", "images": str(star_dir), "init_word": "shape"}]
+    manifest = write_manifest(tmp_path / "jobs.yaml", "kill-worker", s3_bucket, tiny_model_dir, concepts,
+                              checkpoint_interval=interval, defaults={**DEFAULTS, "steps": steps})  # fmt: skip
+    env = ray_head.env
+    submitted = oneword("submit", str(manifest), "--address", ray_head.jobs_api, env=env)
+    assert submitted.returncode == 0, submitted.stderr
+
+    os.environ.update({k: v for k, v in env.items() if k.startswith("ONEWORD_S3_")})
+    spec = load_job_spec(manifest)
+    storage = job_storage(spec)
+
+    def past_first_checkpoint():
+        progress = read_json(storage, progress_key(spec.job, "sturdy"))
+        return progress if progress and progress["step"] >= interval + 5 else None
+
+    progress = wait_for(past_first_checkpoint, 300, "training past its first checkpoint", interval=0.2)
+    killed_at = progress["step"]
+    os.kill(progress["pid"], signal.SIGKILL)  # the Train worker process, mid-training
+
+    final = wait_for(lambda: status_of(manifest, env)["state"] in ("succeeded", "failed") and status_of(manifest, env),
+                     400, "the job to end")  # fmt: skip
+    entry = final["concepts"]["sturdy"]
+    assert final["state"] == "succeeded" and entry["state"] == "published" and entry["attempts"] == 2
+    after = read_json(storage, progress_key(spec.job, "sturdy"))
+    assert after["attempt"] == 2 and 0 < after["resumed_from"] <= killed_at + 5
+    assert killed_at - after["resumed_from"] <= interval + 5  # lost at most about one checkpoint interval
+    _, learned = Registry.open(f"s3://{s3_bucket}/registry").get("sturdy")
+    assert torch.equal(learned.vectors, reference_vectors(tiny_model_dir, star_dir, steps))
+
+
+def test_cancelled_driver_then_resubmit_skips_finished_and_resumes_unfinished(
+    ray_head, s3_bucket, tiny_model_dir, star_dir, tmp_path
+):
+    concepts = [
+        {"name": "quick", "images": str(star_dir), "init_word": "shape", "overrides": {"steps": 10}},
+        {"name": "slow", "images": str(star_dir), "init_word": "shape", "overrides": {"steps": 150}},
+    ]
+    manifest = write_manifest(tmp_path / "jobs.yaml", "resubmit", s3_bucket, tiny_model_dir, concepts,
+                              max_concurrent=1, checkpoint_interval=10)  # fmt: skip
+    env = ray_head.env
+    assert oneword("submit", str(manifest), "--address", ray_head.jobs_api, env=env).returncode == 0
+    os.environ.update({k: v for k, v in env.items() if k.startswith("ONEWORD_S3_")})
+    spec = load_job_spec(manifest)
+    storage = job_storage(spec)
+
+    def slow_is_checkpointed():
+        progress = read_json(storage, progress_key(spec.job, "slow"))
+        return progress if progress and progress["step"] >= 25 else None
+
+    wait_for(slow_is_checkpointed, 400, "the second concept to pass two checkpoints")
+    quick_version = status_of(manifest, env)["concepts"]["quick"]["version"]
+    cancelled = oneword("cancel", str(manifest), "--address", ray_head.jobs_api, env=env)
+    assert cancelled.returncode == 0 and "checkpoints are kept" in cancelled.stdout
+
+    resumed = oneword("submit", str(manifest), "--address", ray_head.jobs_api, "--watch", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    status = status_of(manifest, env)
+    assert status["concepts"]["quick"]["state"] == "skipped" and status["concepts"]["quick"]["version"] == quick_version
+    assert status["concepts"]["slow"]["state"] == "published"
+    progress = read_json(storage, progress_key(spec.job, "slow"))
+    assert progress["resumed_from"] >= 20  # continued from a checkpoint of the cancelled run
+    _, slow = Registry.open(f"s3://{s3_bucket}/registry").get("slow")
+    assert torch.equal(slow.vectors, reference_vectors(tiny_model_dir, star_dir, 150))
+
+
+def test_job_via_ray_client(ray_head, s3_bucket, tiny_model_dir, star_dir, tmp_path):
+    concepts = [{"name": "via-client", "images": str(star_dir), "init_word": "shape"}]
+    manifest = write_manifest(tmp_path / "jobs.yaml", "client-job", s3_bucket, tiny_model_dir, concepts)
+    result = oneword("submit", str(manifest), "--address", ray_head.client, "--watch", env=ray_head.env)
+    assert result.returncode == 0, result.stderr
+    os.environ.update({k: v for k, v in ray_head.env.items() if k.startswith("ONEWORD_S3_")})
+    manifest_entry, learned = Registry.open(f"s3://{s3_bucket}/registry").get("via-client")
+    assert manifest_entry.job_id == "client-job"
+    assert torch.equal(learned.vectors, reference_vectors(tiny_model_dir, star_dir, 20))
+
+
+# --- the manifest ---------------------------------------------------------------------------------
+
+GOOD = """\
+job: pets
+base_model: shapesworld
+registry: s3://concepts/prod
+checkpoint_storage: s3://ckpt/oneword
+concepts:
+  - name: my-dog
+    images: s3://photos/dog/
+    init_word: dog
+  - name: my-cat
+    images: ./cats
+    init_word: cat
+    overrides:
+      steps: 0
+"""
+
+
+def test_manifest_errors_name_file_line_and_field():
+    cases = {
+        GOOD: "jobs.yaml:13: concepts.1.overrides.steps: Input should be greater than or equal to 1 (concept 'my-cat')",
+        GOOD.replace("name: my-dog", "name: ../dog"): "jobs.yaml:6: concepts.0.name: invalid concept name '../dog'",
+        GOOD.replace("init_word: cat", "init_wrd: cat"): "jobs.yaml:11: concepts.1.init_wrd: Extra inputs",
+        GOOD.replace("job: pets", "job: Pets!"): "jobs.yaml:1: job: invalid job id 'Pets!'",
+        GOOD.replace("name: my-cat", "name: my-dog"): "jobs.yaml:9: concepts.1.name: concept 'my-dog' appears twice",
+        GOOD + "resources: {gpu: 1.5}\n": "jobs.yaml:14: resources.gpu: more than one GPU must be a whole number",
+        GOOD + "defaults: {lr: 3}\n": "jobs.yaml:14: defaults.lr: Extra inputs are not permitted\n",
+    }
+    for text, message in cases.items():
+        with pytest.raises(ConfigError) as info:
+            parse_job_spec(text, "jobs.yaml")
+        assert message in str(info.value) + "\n", str(info.value)
+    spec = parse_job_spec(GOOD.replace("steps: 0", "steps: 30"), "jobs.yaml")
+    assert spec.config_for(spec.concepts[1]).steps == 30 and spec.config_for(spec.concepts[0]).init_word == "dog"
+    assert spec.run_name("my-dog") == "pets--my-dog" and spec.resources.gpu == 0
