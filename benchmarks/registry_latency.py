@@ -3,8 +3,9 @@
 Starts a single-node Ceph RADOS Gateway on 127.0.0.1 (tests/ceph_rgw.py; `bash setup.sh --dev`
 installs it), then for each backend times ``--ops`` publishes and ``--ops`` get-latest calls
 (manifest listing + manifest + artifact + sha256 check) of an SD-1.5-sized concept (1 x 768),
-for a name with 1 version and one with ``--versions`` versions, and pinned gets (no listing). The baseline is one raw object
-GET of the same artifact on the same backend: the least any registry read can cost.
+for a name with 1 version and one with ``--versions`` versions, and pinned gets (no listing).
+The baseline is one raw object GET of the same artifact on the same backend: the least any
+registry read can cost.
 
     .venv/bin/python benchmarks/registry_latency.py --ops 200
 """

@@ -133,6 +133,7 @@ def train_loop(config: dict[str, Any]) -> None:
             engine.load_state_dict(torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True))
     resumed_from = engine.step_count
     started = time.time()
+    first_step_at: float | None = None
 
     def progress(state: str) -> None:
         done = engine.step_count - resumed_from
@@ -140,7 +141,8 @@ def train_loop(config: dict[str, Any]) -> None:
         _write_json(storage, key, {"concept": concept.name, "state": state, "step": engine.step_count,
                                    "steps": inversion_config.steps, "loss": engine.last_loss, "eta_seconds": eta,
                                    "attempt": attempt, "resumed_from": resumed_from, "pid": os.getpid(),
-                                   "updated_at": datetime.now(UTC).isoformat()})  # fmt: skip
+                                   "first_step_at": first_step_at, "updated_at": datetime.now(UTC).isoformat(),
+                                   "trained_at": time.time() if state == "trained" else None})  # fmt: skip
 
     def report(with_checkpoint: bool) -> None:
         metrics = {"step": engine.step_count, "loss": engine.last_loss, "attempt": attempt}
@@ -155,6 +157,7 @@ def train_loop(config: dict[str, Any]) -> None:
     interval, log_interval = inversion_config.checkpoint_interval, inversion_config.log_interval
     while engine.step_count < inversion_config.steps:
         engine.step()
+        first_step_at = first_step_at or time.time()
         step = engine.step_count
         if step % interval == 0 or step == inversion_config.steps:
             report(with_checkpoint=True)
@@ -182,6 +185,8 @@ class ConceptOutcome:
     attempts: int = 0
     error: str | None = None
     seconds: float = 0.0
+    to_first_step: float | None = None  # task start -> first training step (scheduling, loading), seconds
+    to_published: float | None = None  # last step -> published in the registry, seconds
 
 
 def _check_images(spec: JobSpec, name: str) -> str | None:
@@ -254,6 +259,9 @@ def train_one(spec_data: dict[str, Any], name: str) -> dict[str, Any]:
         manifest = registry.publish(learned, metrics={"final_loss": learned.final_loss}, job_id=spec.job)
         outcome = ConceptOutcome(name, "published", manifest.version, learned.steps, learned.final_loss,
                                  attempts=int(progress.get("attempt", 1)))  # fmt: skip
+        if progress.get("first_step_at") and progress.get("trained_at"):
+            outcome.to_first_step = round(progress["first_step_at"] - started, 2)
+            outcome.to_published = round(time.time() - progress["trained_at"], 2)
     except Exception as err:  # one concept's failure never stops the others: it becomes its outcome
         outcome.error = _describe_failure(err)
     outcome.seconds = round(time.time() - started, 1)

@@ -9,6 +9,7 @@
     oneword submit jobs.yaml [--address http://HEAD:8265 | ray://HEAD:10001]   a bulk job on Ray
     oneword status jobs.yaml [--watch]          per-concept state, step, loss, ETA
     oneword cancel jobs.yaml --address ...      stop a job (checkpoints are kept)
+    oneword serve --base-model PATH --registry LOC   the HTTP generation service on Ray Serve
 
 Errors that come from the user's input print one ``oneword: error: ...`` line naming the file
 or field, and exit with status 2.
@@ -209,6 +210,19 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cancel", help="stop a running bulk job (checkpoints are kept for a resubmit)")
     p.add_argument("manifest", type=Path)
     p.add_argument("--address", required=True, help="where it was submitted: http://HEAD:8265 or ray://HEAD:10001")
+    p = sub.add_parser("serve", help="run the HTTP generation service (Ray Serve) on this machine or a cluster",
+                       description="Serves POST /v1/generate, the OpenAI-compatible POST /v1/images/generations, "
+                       "GET /v1/concepts and /docs. Concepts are resolved from the registry per request; new "
+                       "versions are picked up within concept_ttl_s. Any field of serving/settings.py can be set "
+                       "with --config FILE (YAML) or --set FIELD=VALUE.")  # fmt: skip
+    p.add_argument("--base-model", help="diffusers folder, hub id, s3://... or shapesworld (default)")
+    p.add_argument("--registry", help=REGISTRY_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--address", help="an existing Ray cluster (default: start a local one, bound to 127.0.0.1)")
+    p.add_argument("--config", type=Path, help="YAML/JSON file of service settings")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="one setting (repeatable)")
+
     p = sub.add_parser("run-job", help=argparse.SUPPRESS)  # the driver's entrypoint on a cluster
     p.add_argument("manifest", type=Path)
     p.add_argument("--submission-id")
@@ -469,6 +483,50 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+    from pydantic import ValidationError
+
+    from pipeline.config import ConfigError, describe_validation_error
+
+    values: dict[str, Any] = {}
+    if args.config:
+        try:
+            values.update(yaml.safe_load(args.config.read_text()) or {})
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{args.config}: cannot read service settings: {err}") from None
+    for item in args.set:
+        field, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item}: expected FIELD=VALUE")
+        try:
+            values[field] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[field] = raw
+    values.update({k: v for k, v in (("base_model", args.base_model), ("registry", args.registry)) if v})
+    from serving.app import build_app  # the one place pipeline imports serving: starting the service
+    from serving.settings import ServeSettings
+
+    try:
+        settings = ServeSettings(**values)
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, str(args.config or "service settings"))) from None
+    import ray
+    from ray import serve
+
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    print(f"oneword serving {settings.base_model} on http://{args.host}:{args.port} (API docs at /docs); "
+          "Ctrl-C stops", file=sys.stderr, flush=True)  # fmt: skip
+    serve.run(build_app(settings.model_dump()), name="oneword", route_prefix="/", blocking=True)
+    return 0
+
+
 def _cmd_run_job(args: argparse.Namespace) -> int:
     from pipeline.bulk_training import ray_init_for_job, run_job
     from pipeline.job_spec import load_job_spec
@@ -518,6 +576,7 @@ COMMANDS = {
     "status": _cmd_status,
     "cancel": _cmd_cancel,
     "run-job": _cmd_run_job,
+    "serve": _cmd_serve,
 }
 
 

@@ -15,6 +15,7 @@ from their own environment (Kubernetes secrets), as this process does.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +41,50 @@ class SubmissionError(OnewordError):
     """The cluster could not be reached or refused the job."""
 
 
+def ray_auth_token() -> tuple[str | None, str]:
+    """The Ray cluster token (Ray's own sources, in Ray's order) and where it came from.
+    The token itself is never printed; messages name only its source."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        try:
+            token = Path(path).expanduser().read_text().strip()
+        except OSError as err:
+            raise InputError(f"RAY_AUTH_TOKEN_PATH {path}: cannot read the token file ({err.strerror})") from None
+        if not token:
+            raise InputError(f"RAY_AUTH_TOKEN_PATH {path}: the token file is empty")
+        return token, f"the file {path} (RAY_AUTH_TOKEN_PATH)"
+    default = Path("~/.ray/auth_token").expanduser()
+    if default.is_file() and default.read_text().strip():
+        return default.read_text().strip(), f"the file {default}"
+    return None, "none found (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"
+
+
+def _jobs_client(address: str):
+    """A Jobs API client that sends the cluster token, with auth failures as clear errors."""
+    from ray.job_submission import JobSubmissionClient
+
+    token, source = ray_auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except Exception as err:
+        raise _submission_error(err, address, token, source) from None
+
+
+def _submission_error(err: Exception, address: str, token: str | None, source: str) -> SubmissionError:
+    text = str(err)
+    if token:
+        text = text.replace(token, "***")
+    if type(err).__name__ == "AuthenticationError" or "Unauthorized" in text or "Forbidden" in text:
+        verdict = "refused the token" if token else "requires a token"
+        return SubmissionError(f"the Ray cluster at {address} {verdict} (token source: {source}); set "
+                               "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token")  # fmt: skip
+    first = next((line for line in text.splitlines() if line.strip()), type(err).__name__)[:300]
+    return SubmissionError(f"cannot use the Ray Jobs API at {address}: {first}")
+
+
 def driver_actor_name(job: str) -> str:
     return f"oneword-job-{job}"
 
@@ -63,14 +108,9 @@ def mark_submitted(spec: JobSpec, submission_id: str) -> None:
 
 def submit_jobs_api(spec: JobSpec, address: str) -> str:
     """Submits the driver through the Jobs API; returns the submission id."""
-    from ray.job_submission import JobSubmissionClient
-
+    client = _jobs_client(address)  # fails early on a wrong address or token, before anything is recorded
     submission_id = f"oneword-{spec.job}-{time.strftime('%Y%m%d-%H%M%S')}"
     mark_submitted(spec, submission_id)
-    try:
-        client = JobSubmissionClient(address)
-    except Exception as err:  # connection refused, bad address, auth: all arrive as generic errors
-        raise SubmissionError(f"cannot reach the Ray Jobs API at {address}: {_first_line(err)}") from None
     with tempfile.TemporaryDirectory(prefix="oneword-job-") as folder:
         (Path(folder) / "spec.json").write_text(spec.model_dump_json(indent=2))
         try:
@@ -81,7 +121,7 @@ def submit_jobs_api(spec: JobSpec, address: str) -> str:
                 metadata={"oneword_job": spec.job},
             )
         except Exception as err:
-            raise SubmissionError(f"the Ray Jobs API at {address} refused the job: {_first_line(err)}") from None
+            raise _submission_error(err, address, *ray_auth_token()) from None
     return submission_id
 
 
@@ -99,6 +139,10 @@ class _JobDriver:
 
 def submit_ray_client(spec: JobSpec, address: str) -> str:
     """Starts the driver as a detached actor through Ray Client; returns the actor's name."""
+    token, _ = ray_auth_token()
+    if token:  # Ray Client reads the token from its environment
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        os.environ.setdefault("RAY_AUTH_TOKEN", token)
     import ray
 
     try:
@@ -132,9 +176,7 @@ def cancel(spec: JobSpec, address: str) -> str:
         return f"stopped driver actor {driver_actor_name(spec.job)}"
     if not submission or submission.startswith("actor:"):
         raise InputError(f"job {spec.job}: no Jobs API submission recorded in {spec.checkpoint_storage}")
-    from ray.job_submission import JobSubmissionClient
-
-    JobSubmissionClient(address).stop_job(submission)
+    _jobs_client(address).stop_job(submission)
     return f"stopped submission {submission}"
 
 
@@ -176,9 +218,9 @@ def _driver_ended(address: str | None, submission_id: str | None) -> str | None:
     """For a Jobs API submission: why its driver ended, if it did (else None)."""
     if not address or not submission_id or not address.startswith("http"):
         return None
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
-    client = JobSubmissionClient(address)
+    client = _jobs_client(address)
     state = client.get_job_status(submission_id)
     if state not in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.SUCCEEDED):
         return None

@@ -10,7 +10,6 @@ namespace, which nothing outside can reach and from which nothing outside is rea
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,15 +34,14 @@ from pipeline.shapesworld import write_concept_images
 
 def pytest_configure(config) -> None:
     """Re-executes this pytest run inside a loopback-only network namespace (see the docstring)."""
-    if os.environ.get("ONEWORD_TEST_NETNS") == "1" or sys.platform != "linux" or not shutil.which("unshare"):
+    from tests.netns import isolated, reexec_isolated
+
+    if isolated():
         return
-    os.environ["ONEWORD_TEST_NETNS"] = "1"
     capture = config.pluginmanager.getplugin("capturemanager")
     if capture is not None:
         capture.stop_global_capturing()  # hand the real stdout/stderr to the new process
-    isolate = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
-    command = [*isolate, "--", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', sys.executable, "-m", "pytest"]
-    os.execvp("unshare", command + sys.argv[1:])
+    reexec_isolated([sys.executable, "-m", "pytest", *sys.argv[1:]])
 
 
 @pytest.fixture(scope="session")
@@ -139,23 +137,30 @@ def storage_location(request, tmp_path) -> str:
 class RayHead:
     jobs_api: str  # http://127.0.0.1:PORT
     client: str  # ray://127.0.0.1:PORT
+    gcs: str  # 127.0.0.1:PORT, for ray.init(address=...)
     env: dict[str, str]
 
 
 @pytest.fixture(scope="session")
-def ray_head(s3_server):
+def ray_head(s3_server, tmp_path_factory):
+    """A head with token authentication on (Ray's future default): every client must send the token."""
+    import secrets
+
     from tests.ceph_rgw import free_port
 
+    token_file = tmp_path_factory.mktemp("ray-auth") / "token"
+    token_file.write_text(secrets.token_hex(16))
     venv_bin = os.path.dirname(sys.executable)
-    env = {**os.environ, **s3_server.env, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{venv_bin}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}  # fmt: skip
-    dashboard, client = free_port(), free_port()
+    env = {**os.environ, **s3_server.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
+           "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
+           "PATH": f"{venv_bin}:{os.environ['PATH']}"}  # fmt: skip
+    dashboard, client, gcs = free_port(), free_port(), free_port()
     subprocess.run([os.path.join(venv_bin, "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
-                    f"--port={free_port()}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
+                    f"--port={gcs}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                     f"--ray-client-server-port={client}", "--disable-usage-stats"],
                    env=env, check=True, capture_output=True, timeout=120)  # fmt: skip
     try:
-        yield RayHead(f"http://127.0.0.1:{dashboard}", f"ray://127.0.0.1:{client}", env)
+        yield RayHead(f"http://127.0.0.1:{dashboard}", f"ray://127.0.0.1:{client}", f"127.0.0.1:{gcs}", env)
     finally:
         subprocess.run([os.path.join(venv_bin, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)

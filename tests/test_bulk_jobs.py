@@ -78,6 +78,26 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def wait_for_step(manifest: Path, concept: str, step: int, timeout: float = 400) -> dict:
+    """Polls the concept's progress file until its worker has passed ``step``; returns the record."""
+    spec = load_job_spec(manifest)
+    storage = job_storage(spec)
+
+    def reached():
+        progress = read_json(storage, progress_key(spec.job, concept))
+        return progress if progress and progress["step"] >= step else None
+
+    return wait_for(reached, timeout, f"{concept} to pass step {step}", interval=0.2)
+
+
+def wait_for_end(manifest: Path, env: dict[str, str], timeout: float = 400) -> dict:
+    def ended():
+        status = status_of(manifest, env)
+        return status if status["state"] in ("succeeded", "failed") else None
+
+    return wait_for(ended, timeout, "the job to end")
+
+
 def status_of(manifest: Path, env: dict[str, str]) -> dict:
     result = oneword("status", str(manifest), "--json", env=env)
     assert result.returncode == 0, result.stderr
@@ -122,7 +142,7 @@ def test_job_via_jobs_api_publishes_reports_failures_and_is_idempotent(
 def test_killed_train_worker_resumes_from_its_checkpoint_bit_identically(
     ray_head, s3_bucket, tiny_model_dir, star_dir, tmp_path
 ):
-    steps, interval = 120, 20
+    steps, interval = 80, 20
     concepts = [{"name": "sturdy", "images": str(star_dir), "init_word": "shape"}]
     manifest = write_manifest(tmp_path / "jobs.yaml", "kill-worker", s3_bucket, tiny_model_dir, concepts,
                               checkpoint_interval=interval, defaults={**DEFAULTS, "steps": steps})  # fmt: skip
@@ -134,16 +154,11 @@ def test_killed_train_worker_resumes_from_its_checkpoint_bit_identically(
     spec = load_job_spec(manifest)
     storage = job_storage(spec)
 
-    def past_first_checkpoint():
-        progress = read_json(storage, progress_key(spec.job, "sturdy"))
-        return progress if progress and progress["step"] >= interval + 5 else None
-
-    progress = wait_for(past_first_checkpoint, 300, "training past its first checkpoint", interval=0.2)
+    progress = wait_for_step(manifest, "sturdy", interval + 5)
     killed_at = progress["step"]
     os.kill(progress["pid"], signal.SIGKILL)  # the Train worker process, mid-training
 
-    final = wait_for(lambda: status_of(manifest, env)["state"] in ("succeeded", "failed") and status_of(manifest, env),
-                     400, "the job to end")  # fmt: skip
+    final = wait_for_end(manifest, env)
     entry = final["concepts"]["sturdy"]
     assert final["state"] == "succeeded" and entry["state"] == "published" and entry["attempts"] == 2
     after = read_json(storage, progress_key(spec.job, "sturdy"))
@@ -158,7 +173,7 @@ def test_cancelled_driver_then_resubmit_skips_finished_and_resumes_unfinished(
 ):
     concepts = [
         {"name": "quick", "images": str(star_dir), "init_word": "shape", "overrides": {"steps": 10}},
-        {"name": "slow", "images": str(star_dir), "init_word": "shape", "overrides": {"steps": 150}},
+        {"name": "slow", "images": str(star_dir), "init_word": "shape", "overrides": {"steps": 80}},
     ]
     manifest = write_manifest(tmp_path / "jobs.yaml", "resubmit", s3_bucket, tiny_model_dir, concepts,
                               max_concurrent=1, checkpoint_interval=10)  # fmt: skip
@@ -168,11 +183,7 @@ def test_cancelled_driver_then_resubmit_skips_finished_and_resumes_unfinished(
     spec = load_job_spec(manifest)
     storage = job_storage(spec)
 
-    def slow_is_checkpointed():
-        progress = read_json(storage, progress_key(spec.job, "slow"))
-        return progress if progress and progress["step"] >= 25 else None
-
-    wait_for(slow_is_checkpointed, 400, "the second concept to pass two checkpoints")
+    wait_for_step(manifest, "slow", 25)  # past two checkpoints
     quick_version = status_of(manifest, env)["concepts"]["quick"]["version"]
     cancelled = oneword("cancel", str(manifest), "--address", ray_head.jobs_api, env=env)
     assert cancelled.returncode == 0 and "checkpoints are kept" in cancelled.stdout
@@ -185,7 +196,23 @@ def test_cancelled_driver_then_resubmit_skips_finished_and_resumes_unfinished(
     progress = read_json(storage, progress_key(spec.job, "slow"))
     assert progress["resumed_from"] >= 20  # continued from a checkpoint of the cancelled run
     _, slow = Registry.open(f"s3://{s3_bucket}/registry").get("slow")
-    assert torch.equal(slow.vectors, reference_vectors(tiny_model_dir, star_dir, 150))
+    assert torch.equal(slow.vectors, reference_vectors(tiny_model_dir, star_dir, 80))
+
+
+def test_job_without_address_runs_in_this_process_with_folders(ray_head, tiny_model_dir, star_dir, tmp_path):
+    """The single-developer default: no cluster address, no object store."""
+    spec = {"job": "local-job", "base_model": str(tiny_model_dir), "registry": str(tmp_path / "registry"),
+            "checkpoint_storage": str(tmp_path / "checkpoints"), "defaults": {**DEFAULTS, "steps": 10},
+            "checkpoint_interval": 5, "resources": {"cpu": 0.5},
+            "concepts": [{"name": "local-star", "images": str(star_dir), "init_word": "shape"}]}  # fmt: skip
+    manifest = tmp_path / "jobs.yaml"
+    manifest.write_text(yaml.safe_dump(spec))
+    result = oneword("submit", str(manifest), env=ray_head.env)
+    assert result.returncode == 0, result.stderr
+    assert "local-star" in result.stdout and "job local-job: 1 published, 0 skipped, 0 failed" in result.stdout
+    _, learned = Registry.open(str(tmp_path / "registry")).get("local-star")
+    assert torch.equal(learned.vectors, reference_vectors(tiny_model_dir, star_dir, 10))
+    assert (tmp_path / "checkpoints" / "local-job--local-star").is_dir()  # Ray Train's run folder
 
 
 def test_job_via_ray_client(ray_head, s3_bucket, tiny_model_dir, star_dir, tmp_path):
@@ -197,6 +224,40 @@ def test_job_via_ray_client(ray_head, s3_bucket, tiny_model_dir, star_dir, tmp_p
     manifest_entry, learned = Registry.open(f"s3://{s3_bucket}/registry").get("via-client")
     assert manifest_entry.job_id == "client-job"
     assert torch.equal(learned.vectors, reference_vectors(tiny_model_dir, star_dir, 20))
+
+
+def test_s3_outage_during_training_is_waited_out(ray_head, s3_server, s3_bucket, tiny_model_dir, star_dir, tmp_path):
+    steps = 80
+    concepts = [{"name": "patient", "images": str(star_dir), "init_word": "shape"}]
+    manifest = write_manifest(tmp_path / "jobs.yaml", "outage", s3_bucket, tiny_model_dir, concepts,
+                              defaults={**DEFAULTS, "steps": steps})  # fmt: skip
+    env = ray_head.env
+    assert oneword("submit", str(manifest), "--address", ray_head.jobs_api, env=env).returncode == 0
+    os.environ.update({k: v for k, v in env.items() if k.startswith("ONEWORD_S3_")})
+    wait_for_step(manifest, "patient", 15)
+    s3_server.stop_gateway()  # the S3 server disappears for a few seconds mid-training
+    time.sleep(5)
+    s3_server.start_gateway()
+    final = wait_for_end(manifest, env)
+    assert final["state"] == "succeeded", final
+    _, learned = Registry.open(f"s3://{s3_bucket}/registry").get("patient")
+    assert torch.equal(learned.vectors, reference_vectors(tiny_model_dir, star_dir, steps))
+
+
+def test_jobs_api_needs_the_cluster_token_and_never_prints_it(ray_head, s3_bucket, tiny_model_dir, star_dir,
+                                                              tmp_path):  # fmt: skip
+    concepts = [{"name": "guarded", "images": str(star_dir), "init_word": "shape"}]
+    manifest = write_manifest(tmp_path / "jobs.yaml", "token-job", s3_bucket, tiny_model_dir, concepts)
+    token = Path(ray_head.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    base = {k: v for k, v in ray_head.env.items() if not k.startswith("RAY_AUTH")}
+    no_token = {**base, "HOME": str(tmp_path)}  # no ~/.ray/auth_token either
+    wrong = {**base, "RAY_AUTH_TOKEN": "not-the-token"}
+    for env, message in ((no_token, "requires a token (token source: none found"),
+                         (wrong, "refused the token (token source: RAY_AUTH_TOKEN)")):  # fmt: skip
+        result = oneword("submit", str(manifest), "--address", ray_head.jobs_api, env=env)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert token not in result.stderr + result.stdout and "not-the-token" not in result.stderr
+    assert status_of(manifest, ray_head.env)["state"] == "not started"  # nothing was recorded or run
 
 
 # --- the manifest ---------------------------------------------------------------------------------

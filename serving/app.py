@@ -1,0 +1,325 @@
+"""The generation service: a Ray Serve deployment with a FastAPI ingress.
+
+    POST /v1/generate               prompt with <name> / <name@version> references -> images
+    POST /v1/images/generations     the OpenAI Images API subset (b64_json)
+    GET  /v1/concepts, /v1/concepts/{name}, /healthz, /readyz, /docs (OpenAPI)
+
+Each replica loads the base model once. Requests are resolved (concept references pinned to
+versions through the replica's ``ConceptCache``) and then batched with ``@serve.batch``:
+requests with the same size, steps and guidance share one pipeline call even when they use
+different concepts, because vectors are placed per prompt (``pipeline.concepts``) and each
+image has its own seeded generator. Errors are JSON ``{"code", "message"}`` with stable codes;
+clients never see a traceback.
+
+    serve run serving.app:build_app base_model=shapesworld       # or: oneword serve
+"""
+
+import asyncio
+import base64
+import difflib
+import io
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.settings import ServeSettings
+
+api = FastAPI(
+    title="oneword generation service",
+    version="1",
+    description="Text-to-image with learned concepts: write <name> or <name@version> in the prompt.",
+)
+
+
+# --- request and response models ------------------------------------------------------------------
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=2000, examples=["a photo of a <my-star> on a beach"])
+    negative_prompt: str = Field("", max_length=2000)
+    n: int = Field(1, ge=1, le=64, description="number of images (the service's max_images applies)")
+    steps: int | None = Field(None, ge=1, le=1000, description="denoising steps (default: the service's)")
+    guidance_scale: float = Field(7.5, ge=0, le=50)
+    width: int | None = Field(None, ge=8, le=4096, description="multiple of 8 (default: the model's)")
+    height: int | None = Field(None, ge=8, le=4096, description="multiple of 8 (default: the model's)")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="image i uses seed + i (default: random)")
+    output_format: Literal["png", "jpeg"] = "png"
+
+
+class GeneratedImages(BaseModel):
+    images: list[str] = Field(description="base64-encoded images")
+    format: str
+    seed: int
+    concepts: dict[str, str] = Field(description="concept name -> the version used")
+    width: int
+    height: int
+
+
+class OpenAIImageRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields this service ignores
+
+    prompt: str = Field(min_length=1, max_length=2000)
+    model: str | None = None
+    n: int = Field(1, ge=1, le=64)
+    size: str | None = Field(None, pattern=r"^\d{1,4}x\d{1,4}$", examples=["512x512"])
+    response_format: Literal["b64_json"] = "b64_json"
+
+
+class ApiError(Exception):
+    """An error with a stable code and HTTP status, reported as JSON."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any):
+        super().__init__(message)
+        self.status, self.code, self.message, self.extra = status, code, message, extra
+
+
+def _error_response(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"code": code, "message": message, **extra}, status_code=status)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, err: ApiError) -> JSONResponse:
+    return _error_response(err.status, err.code, err.message, **err.extra)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    problems = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in err.errors()]
+    return _error_response(422, "invalid_request", "; ".join(problems) or "invalid request")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(err.status_code, "http_error")
+    return _error_response(err.status_code, code, str(err.detail))
+
+
+@api.middleware("http")
+async def _guard(request: Request, call_next):
+    """Before any route reads anything: API key on /v1/ (401), body size (413)."""
+    from serving import request_guard  # looked up at call time, see serving/request_guard.py
+
+    if request.url.path.startswith("/v1/") and not request_guard.authorized(request.headers.get("authorization", "")):
+        return _error_response(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key>)")
+    limit = request_guard.body_too_large(request.headers.get("content-length"))
+    if limit is not None:
+        return _error_response(413, "request_too_large", f"request body over {limit} bytes")
+    return await call_next(request)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_: Request, err: Exception) -> JSONResponse:
+    return _error_response(500, "internal_error", "the server failed to handle this request")
+
+
+# --- the work unit that gets batched --------------------------------------------------------------
+
+
+@dataclass
+class RenderJob:
+    prompts: list[str]
+    negatives: list[str]
+    seeds: list[int]
+    vectors: dict[str, Any]
+    steps: int
+    guidance: float
+    width: int
+    height: int
+
+    @property
+    def shape(self) -> tuple[int, float, int, int]:
+        return (self.steps, self.guidance, self.width, self.height)
+
+
+def _encode(image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG" if fmt == "jpeg" else "PNG", **({"quality": 95} if fmt == "jpeg" else {}))
+    return buffer.getvalue()
+
+
+def _read_api_keys(settings: ServeSettings) -> list[bytes]:
+    keys = [k.strip() for k in os.environ.get(settings.api_keys_env, "").split(",") if k.strip()]
+    if settings.api_keys_file:
+        keys += [line.strip() for line in Path(settings.api_keys_file).read_text().splitlines() if line.strip()]
+    return [k.encode() for k in keys]
+
+
+@serve.deployment(name="oneword-generator")
+@serve.ingress(api)
+class Generator:
+    """One replica: the base model, the concept cache, the batcher and the HTTP routes."""
+
+    def __init__(self, settings: dict[str, Any] | ServeSettings):
+        from pipeline.generation import ImageGenerator, check_compatible
+        from pipeline.model import default_device, load_base_model, resolve_dtype
+        from pipeline.registry import Registry, default_registry_location
+        from serving.concept_cache import ConceptCache
+
+        self.settings = settings if isinstance(settings, ServeSettings) else ServeSettings(**settings)
+        device = self.settings.device or default_device()
+        self.model = load_base_model(self.settings.base_model, device, resolve_dtype(self.settings.precision, device))
+        self.generator = ImageGenerator(self.model)
+        self.registry = Registry.open(self.settings.registry or default_registry_location())
+        self.cache = ConceptCache(self.registry, self.settings.concept_ttl_s, self.settings.concept_cache_size,
+                                  check=lambda concept: check_compatible(concept, self.model))  # fmt: skip
+        from serving import request_guard
+
+        request_guard.configure(self.settings.max_body_bytes, _read_api_keys(self.settings))
+        self._render_batch.set_max_batch_size(self.settings.max_batch_size)
+        self._render_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self.ready = True
+
+    def _size(self, value: int | None, field: str) -> int:
+        s = self.settings
+        size = value if value is not None else self.model.resolution
+        if size % 8 or not s.min_size <= size <= s.max_size:
+            raise ApiError(
+                422, "invalid_size", f"{field} {size}: must be a multiple of 8 from {s.min_size} to {s.max_size}"
+            )
+        return size
+
+    def _resolve(self, prompt: str, negative: str):
+        from pipeline.concepts import InvalidNameError
+        from pipeline.generation import IncompatibleConceptError
+        from pipeline.registry import ConceptNotFoundError
+
+        if len(prompt) > self.settings.max_prompt_chars:
+            raise ApiError(422, "prompt_too_long", f"prompt over {self.settings.max_prompt_chars} characters")
+        try:
+            resolved = self.cache.resolve(prompt, negative)
+            for text in (resolved.prompt, resolved.negative):  # token limit after concept expansion
+                counts = {key: v.shape[0] for key, v in resolved.vectors.items()}
+                self.generator.encoder.tokenize(text, counts)
+            return resolved
+        except ConceptNotFoundError as err:
+            names = list(self.registry.names())
+            wanted = str(err).split("'")[1] if "'" in str(err) else ""
+            close = difflib.get_close_matches(wanted, names, n=3, cutoff=0.5)
+            raise ApiError(404, "concept_not_found", str(err).replace(self.registry.location, "the registry"),
+                           close_matches=close) from None  # fmt: skip
+        except IncompatibleConceptError as err:
+            raise ApiError(409, "incompatible_concept", str(err)) from None
+        except InvalidNameError as err:
+            raise ApiError(422, "invalid_concept_name", str(err)) from None
+        except Exception as err:
+            from pipeline.concepts import PromptTooLongError
+
+            if isinstance(err, PromptTooLongError):
+                raise ApiError(422, "prompt_too_long", str(err)) from None
+            raise
+
+    async def _render(self, request: GenerateRequest) -> tuple[list, int, dict[str, str], int, int]:
+        s = self.settings
+        if request.n > s.max_images:
+            raise ApiError(422, "too_many_images", f"n {request.n}: at most {s.max_images} images per request")
+        steps = request.steps or s.default_steps
+        if steps > s.max_steps:
+            raise ApiError(422, "too_many_steps", f"steps {steps}: at most {s.max_steps}")
+        width, height = self._size(request.width, "width"), self._size(request.height, "height")
+        resolved = await asyncio.to_thread(self._resolve, request.prompt, request.negative_prompt)
+        seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "big") >> 1
+        job = RenderJob([resolved.prompt] * request.n, [resolved.negative] * request.n,
+                        [seed + i for i in range(request.n)], resolved.vectors, steps, request.guidance_scale,
+                        width, height)  # fmt: skip
+        images = await self._render_batch(job)
+        return images, seed, resolved.versions, width, height
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _render_batch(self, jobs: list[RenderJob]) -> list[list]:
+        """One pipeline call per group of jobs with the same steps, guidance and size."""
+        groups: dict[tuple, list[int]] = {}
+        for index, job in enumerate(jobs):
+            groups.setdefault(job.shape, []).append(index)
+        results: list[list] = [[] for _ in jobs]
+        for members in groups.values():
+            first = jobs[members[0]]
+            prompts = [p for i in members for p in jobs[i].prompts]
+            negatives = [p for i in members for p in jobs[i].negatives]
+            seeds = [x for i in members for x in jobs[i].seeds]
+            vectors = {k: v for i in members for k, v in jobs[i].vectors.items()}
+            images = await asyncio.to_thread(
+                self.generator.generate, prompts, vectors, negative_prompts=negatives, seeds=seeds,
+                steps=first.steps, guidance_scale=first.guidance, height=first.height, width=first.width,
+            )  # fmt: skip
+            offset = 0
+            for i in members:
+                results[i] = images[offset : offset + len(jobs[i].prompts)]
+                offset += len(jobs[i].prompts)
+        return results
+
+    # --- routes ---
+
+    @api.post("/v1/generate", response_model=GeneratedImages, responses={200: {"content": {"image/png": {}}}})
+    async def generate(self, body: GenerateRequest, request: Request) -> Any:
+        images, seed, versions, width, height = await self._render(body)
+        if len(images) == 1 and request.headers.get("accept", "").startswith(f"image/{body.output_format}"):
+            return Response(_encode(images[0], body.output_format), media_type=f"image/{body.output_format}")
+        encoded = [base64.b64encode(_encode(image, body.output_format)).decode() for image in images]
+        return GeneratedImages(images=encoded, format=body.output_format, seed=seed, concepts=versions,
+                               width=width, height=height)  # fmt: skip
+
+    @api.post("/v1/images/generations")
+    async def openai_images(self, body: OpenAIImageRequest) -> dict[str, Any]:
+        width = height = None
+        if body.size:
+            width, height = (int(x) for x in body.size.split("x"))
+        generate = GenerateRequest(prompt=body.prompt, n=body.n, width=width, height=height)
+        images, *_ = await self._render(generate)
+        data = [{"b64_json": base64.b64encode(_encode(image, "png")).decode()} for image in images]
+        return {"created": int(time.time()), "data": data}
+
+    @api.get("/v1/concepts")
+    async def list_concepts(self, prefix: str = "", limit: int = 100, after: str | None = None):
+        from pipeline.errors import InputError
+        from pipeline.registry import manifest_summary
+
+        try:
+            page = await asyncio.to_thread(self.registry.list, prefix, limit, after)
+        except InputError as err:
+            raise ApiError(422, "invalid_request", str(err)) from None
+        return {"concepts": [manifest_summary(m) for m in page.manifests], "next_after": page.next_after}
+
+    @api.get("/v1/concepts/{name}")
+    async def show_concept(self, name: str):
+        from pipeline.concepts import InvalidNameError
+        from pipeline.registry import ConceptNotFoundError, manifest_summary
+
+        try:
+            manifest = await asyncio.to_thread(self.registry.manifest, name)
+            versions = await asyncio.to_thread(self.registry.versions, name)
+        except InvalidNameError as err:
+            raise ApiError(422, "invalid_concept_name", str(err)) from None
+        except ConceptNotFoundError:
+            close = difflib.get_close_matches(name, list(self.registry.names()), n=3, cutoff=0.5)
+            raise ApiError(404, "concept_not_found", f"no concept named {name!r}", close_matches=close) from None
+        return {"latest": manifest_summary(manifest), "versions": versions}
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> dict[str, Any]:
+        return {"status": "ready" if self.ready else "loading", "base_model": self.model.identity}
+
+    def check_health(self) -> None:
+        """Serve's replica health check: a replica without a model is restarted."""
+        if not self.ready:
+            raise RuntimeError("model not loaded")
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application builder for ``serve run`` / ``serve deploy`` / KubeRay ``serveConfigV2``."""
+    settings = ServeSettings(**args)
+    return Generator.options(**settings.deployment_options()).bind(settings.model_dump())

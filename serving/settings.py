@@ -1,0 +1,79 @@
+"""Everything the generation service is configured by: one validated model, one source of defaults.
+
+It arrives as the application's ``args`` (``serve deploy`` / KubeRay ``serveConfigV2``, see
+``deploy/serve-config.yaml``) or from ``oneword serve`` flags.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ServeSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_model: str = Field("shapesworld", description="folder, hub id, s3://... or a bundled model name")
+    registry: str | None = Field(None, description="registry location; default $ONEWORD_REGISTRY or the user folder")
+    device: str | None = Field(None, description="cpu, cuda ... (default: cuda if available)")
+    precision: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$")
+
+    # request limits
+    min_size: int = Field(8, ge=8, description="smallest width/height in pixels")
+    max_size: int = Field(1024, ge=8, description="largest width/height in pixels")
+    max_images: int = Field(8, ge=1, le=64, description="images per request")
+    max_steps: int = Field(100, ge=1, le=1000, description="denoising steps per request")
+    default_steps: int = Field(25, ge=1)
+    max_prompt_chars: int = Field(2000, ge=1)
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="requests larger than this get 413")
+
+    # concepts
+    concept_ttl_s: float = Field(5.0, ge=0, description="how long 'latest' stays cached before re-resolving")
+    concept_cache_size: int = Field(1024, ge=1, description="concept versions kept per replica (LRU)")
+
+    # security: comma-separated bearer tokens in this environment variable, or one per line in a file
+    api_keys_env: str = "ONEWORD_API_KEYS"
+    api_keys_file: str | None = None
+
+    # replicas and batching
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(300.0, ge=0)
+    max_ongoing_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(64, ge=-1, description="beyond this, 503 instead of waiting (-1: no limit)")
+    num_gpus: float = Field(0.0, ge=0, le=8, description="GPU (fraction) per replica")
+    num_cpus: float = Field(1.0, gt=0)
+    max_batch_size: int = Field(8, ge=1, description="requests batched into one pipeline call")
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeSettings:
+        if self.min_size > self.max_size:
+            raise ValueError("min_size must not exceed max_size")
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        if self.default_steps > self.max_steps:
+            raise ValueError("default_steps must not exceed max_steps")
+        return self
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``."""
+        return {
+            "autoscaling_config": {
+                "min_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s,
+            },
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+        }
