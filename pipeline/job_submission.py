@@ -14,6 +14,7 @@ from their own environment (Kubernetes secrets), as this process does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -145,10 +146,16 @@ def submit_ray_client(spec: JobSpec, address: str) -> str:
         os.environ.setdefault("RAY_AUTH_TOKEN", token)
     import ray
 
-    try:
-        ray.init(address=address, namespace=RAY_NAMESPACE, runtime_env={"env_vars": WORKER_ENV})
-    except Exception as err:
-        raise SubmissionError(f"cannot connect Ray Client to {address}: {_first_line(err)}") from None
+    for attempt in range(3):  # the client server sometimes fails to fork its per-client server: retry
+        try:
+            ray.init(address=address, namespace=RAY_NAMESPACE, runtime_env={"env_vars": WORKER_ENV})
+            break
+        except Exception as err:
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            if attempt == 2 or "Initialization failure from server" not in str(err):
+                raise SubmissionError(f"cannot connect Ray Client to {address}: {_first_line(err)}") from None
+            time.sleep(2 * (attempt + 1))
     name = driver_actor_name(spec.job)
     try:
         ray.get_actor(name)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -274,7 +274,11 @@ class Generator:
         width = height = None
         if body.size:
             width, height = (int(x) for x in body.size.split("x"))
-        generate = GenerateRequest(prompt=body.prompt, n=body.n, width=width, height=height)
+        try:
+            generate = GenerateRequest(prompt=body.prompt, n=body.n, width=width, height=height)
+        except ValidationError:
+            raise ApiError(422, "invalid_size", f"size {body.size}: width and height must be multiples of 8 "
+                           f"from {self.settings.min_size} to {self.settings.max_size}") from None  # fmt: skip
         images, *_ = await self._render(generate)
         data = [{"b64_json": base64.b64encode(_encode(image, "png")).decode()} for image in images]
         return {"created": int(time.time()), "data": data}
