@@ -67,10 +67,20 @@ rgw dns name = 127.0.0.1
 """
 
 
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports on 127.0.0.1 (all held open while choosing, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def missing_binaries() -> list[str]:
@@ -82,8 +92,15 @@ class CephRGW:
     """A running single-node Ceph cluster with an S3 gateway; ``stop()`` removes everything."""
 
     root: Path
-    rgw_port: int = field(default_factory=free_port)
-    mon_port: int = field(default_factory=free_port)
+    ports: list[int] = field(default_factory=lambda: free_ports(2))
+
+    @property
+    def rgw_port(self) -> int:
+        return self.ports[0]
+
+    @property
+    def mon_port(self) -> int:
+        return self.ports[1]
 
     @property
     def endpoint(self) -> str:

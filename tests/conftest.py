@@ -146,7 +146,7 @@ def ray_head(s3_server, tmp_path_factory):
     """A head with token authentication on (Ray's future default): every client must send the token."""
     import secrets
 
-    from tests.ceph_rgw import free_port
+    from tests.ceph_rgw import free_ports
 
     token_file = tmp_path_factory.mktemp("ray-auth") / "token"
     token_file.write_text(secrets.token_hex(16))
@@ -154,12 +154,14 @@ def ray_head(s3_server, tmp_path_factory):
     env = {**os.environ, **s3_server.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
            "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
            "PATH": f"{venv_bin}:{os.environ['PATH']}"}  # fmt: skip
-    dashboard, client, gcs = free_port(), free_port(), free_port()
-    subprocess.run([os.path.join(venv_bin, "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+    dashboard, client, gcs = free_ports(3)
+    started = subprocess.run([os.path.join(venv_bin, "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
                     f"--port={gcs}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                     f"--ray-client-server-port={client}", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=120)  # fmt: skip
+                   env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    if started.returncode != 0:
+        raise RuntimeError(f"ray start failed ({started.returncode}): {started.stdout[-2000:]}{started.stderr[-3000:]}")
     try:
         yield RayHead(f"http://127.0.0.1:{dashboard}", f"ray://127.0.0.1:{client}", f"127.0.0.1:{gcs}", env)
     finally:

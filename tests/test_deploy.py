@@ -17,7 +17,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "deploy" / "helm" / "oneword"
 PRODUCTION = CHART / "ci" / "production-values.yaml"
-CRDS = ROOT.parent / "shared" / "kuberay-crds"
+CRDS = ROOT / "tests" / "kuberay-crds"  # unmodified KubeRay v1.7 CRDs (Apache-2.0), see its README
 TOOLS = ROOT / ".tools"
 HELMS = {"helm3": TOOLS / "helm3", "helm4": TOOLS / "helm4"}
 VENV_BIN = Path(sys.executable).parent
