@@ -85,7 +85,7 @@ def test_rendered_objects_validate(values, tmp_path):
     core = [d for d in docs if not d["apiVersion"].startswith("ray.io/")]
     manifest = tmp_path / "core.yaml"
     manifest.write_text(yaml.safe_dump_all(core))
-    result = subprocess.run([str(VENV_BIN / "kubernetes-validate"), "-k", "1.33.0", "--strict", str(manifest)],
+    result = subprocess.run([str(VENV_BIN / "kubernetes-validate"), "-k", "1.37.0", "--strict", str(manifest)],
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     rays = [d for d in docs if d["apiVersion"].startswith("ray.io/")]
@@ -100,7 +100,7 @@ def test_try_out_minio_renders_valid_and_off_by_default(tmp_path):
     assert sorted(d["kind"] for d in docs) == ["Deployment", "Service"]
     manifest = tmp_path / "minio.yaml"
     manifest.write_text(yaml.safe_dump_all(docs))
-    result = subprocess.run([str(VENV_BIN / "kubernetes-validate"), "-k", "1.33.0", "--strict", str(manifest)],
+    result = subprocess.run([str(VENV_BIN / "kubernetes-validate"), "-k", "1.37.0", "--strict", str(manifest)],
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     [container] = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"]
