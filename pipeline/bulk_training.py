@@ -210,7 +210,6 @@ def train_one(spec_data: dict[str, Any], name: str) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from pipeline.formats import LearnedConcept
-    from pipeline.model import load_base_model
     from pipeline.registry import Registry
 
     started = time.time()
@@ -247,11 +246,10 @@ def train_one(spec_data: dict[str, Any], name: str) -> dict[str, Any]:
         with result.checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
         progress = read_json(job_storage(spec), progress_key(spec.job, name)) or {}
-        model_identity = load_base_model(spec.base_model, "cpu").identity
         learned = LearnedConcept(
             name=name,
             vectors=torch.stack(state["vectors"]),
-            base_model=model_identity,
+            base_model=state["identity"],  # the text encoder the worker trained against
             steps=int(state["step"]),
             final_loss=float(state["last_loss"]),
             config={**state["config"], "init_word": concept.init_word, "images": concept.images},

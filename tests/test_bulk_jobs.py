@@ -127,6 +127,7 @@ def test_job_via_jobs_api_publishes_reports_failures_and_is_idempotent(
     registry = Registry.open(f"s3://{s3_bucket}/registry")
     a, b = (registry.get(name) for name in ("star-a", "star-b"))
     assert a[0].job_id == b[0].job_id == "api-job" and a[0].steps == 20 and a[0].metrics["final_loss"] > 0
+    assert a[0].base_model == load_base_model(tiny_model_dir, "cpu").identity  # checked by every consumer
     expected = reference_vectors(tiny_model_dir, star_dir, 20)
     assert torch.equal(a[1].vectors, expected) and torch.equal(b[1].vectors, expected)  # Ray run == local engine
 
