@@ -297,3 +297,24 @@ def test_manifest_errors_name_file_line_and_field():
     spec = parse_job_spec(GOOD.replace("steps: 0", "steps: 30"), "jobs.yaml")
     assert spec.config_for(spec.concepts[1]).steps == 30 and spec.config_for(spec.concepts[0]).init_word == "dog"
     assert spec.run_name("my-dog") == "pets--my-dog" and spec.resources.gpu == 0
+
+
+def test_concept_images_from_an_s3_prefix(s3_env, s3_settings, s3_bucket, star_dir, tmp_path):
+    """A manifest's `images: s3://...` is downloaded for the worker and checked like a folder."""
+    from pipeline.bulk_training import _check_images, fetch_images
+    from pipeline.storage import S3Storage
+
+    storage = S3Storage(s3_bucket, "photos/star", s3_settings)
+    for path in sorted(star_dir.iterdir()):
+        storage.put(path.name, path.read_bytes())
+    storage.put("notes.txt", b"not an image")
+    folder = fetch_images(f"s3://{s3_bucket}/photos/star/", tmp_path / "fetched")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in star_dir.iterdir())
+    assert torch.equal(load_images(folder, 64), load_images(star_dir, 64))
+    prefix = f"s3://{s3_bucket}"
+    concepts = [{"name": "good", "images": f"{prefix}/photos/star/", "init_word": "shape"},
+                {"name": "empty", "images": f"{prefix}/nothing/", "init_word": "shape"}]  # fmt: skip
+    spec = parse_job_spec(yaml.safe_dump({"job": "s3-images", "base_model": "shapesworld", "registry": "r",
+                                          "checkpoint_storage": "c", "concepts": concepts}))  # fmt: skip
+    assert _check_images(spec, "good") is None
+    assert "no images" in _check_images(spec, "empty")
