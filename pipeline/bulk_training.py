@@ -54,12 +54,12 @@ def train_storage(location: str):
 
     bucket, prefix = parse_s3_location(location)
     settings = S3Settings.from_env()
-    secret = lambda value: value.get_secret_value() if value is not None else None  # noqa: E731
+    access_key, secret_key = settings.credentials()
     filesystem = pyarrow.fs.S3FileSystem(
         endpoint_override=settings.endpoint,
         scheme="https" if settings.secure else "http",
-        access_key=secret(settings.access_key),
-        secret_key=secret(settings.secret_key),
+        access_key=access_key,
+        secret_key=secret_key,
         region=settings.region,
         retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=max(settings.retries, 1) + 5),
     )
@@ -347,15 +347,3 @@ def ray_init_for_job(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
-
-
-class JobFailedError(OnewordError):
-    """At least one concept of the job failed (the summary says which and why)."""
-
-
-def describe_unusable_gpu(spec: JobSpec) -> str | None:
-    import ray
-
-    if spec.resources.gpu > 0 and ray.cluster_resources().get("GPU", 0) == 0:
-        return f"resources.gpu {spec.resources.gpu}: this cluster has no GPUs; concepts run on CPUs"
-    return None

@@ -18,7 +18,6 @@ Errors name the file, the line and the field (``jobs.yaml:14: concepts.1.init_wo
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -178,7 +177,3 @@ def load_job_spec(path: Path) -> JobSpec:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the job manifest ({err.strerror})") from None
     return parse_job_spec(text, str(path))
-
-
-def job_spec_json(spec: JobSpec) -> str:
-    return json.dumps(spec.model_dump(mode="json"), indent=2)

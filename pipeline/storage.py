@@ -196,6 +196,11 @@ class S3Settings(BaseModel):
     def url(self) -> str:
         return f"{'https' if self.secure else 'http'}://{self.endpoint}"
 
+    def credentials(self) -> tuple[str | None, str | None]:
+        """(access key, secret key) in clear, for the clients that need them; never log these."""
+        reveal = lambda value: value.get_secret_value() if value is not None else None  # noqa: E731
+        return reveal(self.access_key), reveal(self.secret_key)
+
     def client(self) -> Minio:
         http = urllib3.PoolManager(
             num_pools=4,
@@ -209,11 +214,11 @@ class S3Settings(BaseModel):
                 raise_on_status=False,
             ),
         )
-        secret = lambda value: value.get_secret_value() if value is not None else None  # noqa: E731
+        access_key, secret_key = self.credentials()
         return Minio(
             endpoint=self.endpoint,
-            access_key=secret(self.access_key),
-            secret_key=secret(self.secret_key),
+            access_key=access_key,
+            secret_key=secret_key,
             region=self.region,
             secure=self.secure,
             http_client=http,
