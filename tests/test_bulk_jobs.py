@@ -231,7 +231,7 @@ def test_s3_outage_during_training_is_waited_out(ray_head, s3_server, s3_bucket,
     steps = 80
     concepts = [{"name": "patient", "images": str(star_dir), "init_word": "shape"}]
     manifest = write_manifest(tmp_path / "jobs.yaml", "outage", s3_bucket, tiny_model_dir, concepts,
-                              defaults={**DEFAULTS, "steps": steps})  # fmt: skip
+                              defaults={**DEFAULTS, "steps": steps}, max_failures=5)  # fmt: skip
     env = ray_head.env
     assert oneword("submit", str(manifest), "--address", ray_head.jobs_api, env=env).returncode == 0
     os.environ.update({k: v for k, v in env.items() if k.startswith("ONEWORD_S3_")})
