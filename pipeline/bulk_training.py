@@ -22,9 +22,11 @@ driver's view, per concept) and ``<job>/progress/<concept>.json`` (the worker's 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +37,15 @@ import torch
 from pipeline.data import IMAGE_SUFFIXES, load_images
 from pipeline.errors import OnewordError
 from pipeline.job_spec import JobSpec
-from pipeline.storage import S3Settings, Storage, open_storage, parse_s3_location
+from pipeline.storage import (
+    Result,
+    S3Settings,
+    Storage,
+    StorageUnavailableError,
+    open_storage,
+    parse_s3_location,
+    wait_out_outage,
+)
 
 STATE_FILE = "state.pt"
 # Environment every Ray process of a job gets: one thread per worker (many share a node) and
@@ -46,8 +56,14 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_
 # --- where things live ----------------------------------------------------------------------------
 
 
-def train_storage(location: str):
-    """``RunConfig`` storage for a location: (storage_path, pyarrow filesystem or None)."""
+def train_storage(location: str, patience: float):
+    """``RunConfig`` storage for a location: (storage_path, pyarrow filesystem or None).
+
+    Ray Train's controller treats a failed write of its own state as fatal, so the filesystem's
+    retries must outlast an outage of ``patience`` seconds. pyarrow's "default" AWS strategy
+    doubles a 25 ms delay per attempt, without the "standard" strategy's retry quota (which a
+    burst of failures during an outage uses up, leaving no retries at all).
+    """
     if not location.startswith("s3://"):
         return str(Path(location).expanduser().absolute()), None
     import pyarrow.fs
@@ -61,9 +77,14 @@ def train_storage(location: str):
         access_key=access_key,
         secret_key=secret_key,
         region=settings.region,
-        retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=max(settings.retries, 1) + 5),
+        retry_strategy=pyarrow.fs.AwsDefaultS3RetryStrategy(max_attempts=retry_attempts_for(patience)),
     )
     return f"{bucket}/{prefix}".rstrip("/"), filesystem
+
+
+def retry_attempts_for(patience: float) -> int:
+    """Attempts whose doubling delays (25 ms, 50 ms, ...) add up to at least ``patience`` seconds."""
+    return max(3, math.ceil(math.log2(patience / 0.025 + 2)))
 
 
 def fetch_images(location: str, dest: Path) -> Path:
@@ -118,14 +139,15 @@ def train_loop(config: dict[str, Any]) -> None:
     concept = next(c for c in spec.concepts if c.name == config["concept"])
     inversion_config = spec.config_for(concept)
     storage, key = job_storage(spec), progress_key(spec.job, concept.name)
-    previous = read_json(storage, key) or {}
+    previous = wait_out_outage(lambda: read_json(storage, key), spec.storage_patience) or {}
     attempt = int(previous.get("attempt", 0)) + 1
 
     device = ray.train.torch.get_device()
     model = load_base_model(spec.base_model, device, resolve_dtype(inversion_config.precision, device))
     resolution = inversion_config.resolution or model.resolution
     with tempfile.TemporaryDirectory() as tmp:
-        images = load_images(fetch_images(concept.images, Path(tmp)), resolution, inversion_config.min_image_side)
+        folder = wait_out_outage(lambda: fetch_images(concept.images, Path(tmp)), spec.storage_patience)
+        images = load_images(folder, resolution, inversion_config.min_image_side)
     engine = Inversion(model, images, inversion_config, concept.name)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -136,13 +158,18 @@ def train_loop(config: dict[str, Any]) -> None:
     first_step_at: float | None = None
 
     def progress(state: str) -> None:
+        """Best effort: a progress line lost to a storage outage is rewritten at the next interval."""
         done = engine.step_count - resumed_from
         eta = (time.time() - started) / done * (inversion_config.steps - engine.step_count) if done else None
-        _write_json(storage, key, {"concept": concept.name, "state": state, "step": engine.step_count,
-                                   "steps": inversion_config.steps, "loss": engine.last_loss, "eta_seconds": eta,
-                                   "attempt": attempt, "resumed_from": resumed_from, "pid": os.getpid(),
-                                   "first_step_at": first_step_at, "updated_at": datetime.now(UTC).isoformat(),
-                                   "trained_at": time.time() if state == "trained" else None})  # fmt: skip
+        record = {"concept": concept.name, "state": state, "step": engine.step_count,
+                  "steps": inversion_config.steps, "loss": engine.last_loss, "eta_seconds": eta,
+                  "attempt": attempt, "resumed_from": resumed_from, "pid": os.getpid(),
+                  "first_step_at": first_step_at, "updated_at": datetime.now(UTC).isoformat(),
+                  "trained_at": time.time() if state == "trained" else None}  # fmt: skip
+        try:
+            _write_json(storage, key, record)
+        except StorageUnavailableError as err:
+            print(f"[{spec.job}] {concept.name}: progress not written: {err}", flush=True)
 
     def report(with_checkpoint: bool) -> None:
         metrics = {"step": engine.step_count, "loss": engine.last_loss, "attempt": attempt}
@@ -216,16 +243,20 @@ def train_one(spec_data: dict[str, Any], name: str) -> dict[str, Any]:
     spec = JobSpec(**spec_data)
     concept = next(c for c in spec.concepts if c.name == name)
     outcome = ConceptOutcome(name=name, state="failed")
+
+    def patiently(call: Callable[[], Result]) -> Result:
+        return wait_out_outage(call, spec.storage_patience, lambda line: print(f"[{spec.job}] {name}: {line}"))
+
     try:
         registry = Registry.open(spec.registry)
-        done = registry.find(name, job_id=spec.job)
+        done = patiently(lambda: registry.find(name, job_id=spec.job))
         if done is not None:
             return asdict(ConceptOutcome(name, "skipped", done.version, done.steps, done.metrics.get("final_loss")))
-        reason = _check_images(spec, name)
+        reason = patiently(lambda: _check_images(spec, name))
         if reason is not None:
             outcome.error = reason
             return asdict(outcome)
-        storage_path, filesystem = train_storage(spec.checkpoint_storage)
+        storage_path, filesystem = train_storage(spec.checkpoint_storage, spec.storage_patience)
         import ray
 
         use_gpu = spec.resources.gpu > 0 and ray.cluster_resources().get("GPU", 0) > 0
@@ -245,7 +276,7 @@ def train_one(spec_data: dict[str, Any], name: str) -> dict[str, Any]:
         result = trainer.fit()
         with result.checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
-        progress = read_json(job_storage(spec), progress_key(spec.job, name)) or {}
+        progress = patiently(lambda: read_json(job_storage(spec), progress_key(spec.job, name))) or {}
         learned = LearnedConcept(
             name=name,
             vectors=torch.stack(state["vectors"]),
@@ -254,7 +285,7 @@ def train_one(spec_data: dict[str, Any], name: str) -> dict[str, Any]:
             final_loss=float(state["last_loss"]),
             config={**state["config"], "init_word": concept.init_word, "images": concept.images},
         )
-        manifest = registry.publish(learned, metrics={"final_loss": learned.final_loss}, job_id=spec.job)
+        manifest = patiently(lambda: registry.publish(learned, {"final_loss": learned.final_loss}, job_id=spec.job))
         outcome = ConceptOutcome(name, "published", manifest.version, learned.steps, learned.final_loss,
                                  attempts=int(progress.get("attempt", 1)))  # fmt: skip
         if progress.get("first_step_at") and progress.get("trained_at"):
@@ -314,7 +345,13 @@ def run_job(spec: JobSpec, submission_id: str | None = None, poll_seconds: float
         now = datetime.now(UTC).isoformat()
         record = {"job": spec.job, "state": state, "submission_id": submission_id, "started_at": started_at,
                   "updated_at": now, "concepts": concepts}  # fmt: skip
-        _write_json(storage, status_key(spec.job), record)
+        if state != "running":  # the final word must land
+            wait_out_outage(lambda: _write_json(storage, status_key(spec.job), record), spec.storage_patience)
+            return
+        try:  # a running status lost to an outage is rewritten at the next poll
+            _write_json(storage, status_key(spec.job), record)
+        except StorageUnavailableError as err:
+            print(f"[{spec.job}] status not written: {err}", flush=True)
 
     write_status("running")
     while pending or running:

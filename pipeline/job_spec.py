@@ -9,6 +9,7 @@
     checkpoint_interval: 100
     max_failures: 2                      # restarts per concept after a worker dies
     max_concurrent: 8                    # concepts running at once
+    storage_patience: 600                # seconds a job waits out an unreachable object store
     concepts:
       - {name: my-dog, images: s3://photos/dog/, init_word: dog}
       - {name: my-style, images: ./styles/a, init_word: painting, templates: style, overrides: {steps: 3000}}
@@ -80,6 +81,7 @@ class JobSpec(BaseModel):
     max_failures: int = Field(2, ge=0, le=100)
     max_concurrent: int = Field(4, ge=1, le=10_000)
     keep_checkpoints: int = Field(2, ge=1, le=100)
+    storage_patience: float = Field(600.0, ge=0, le=86_400, description="seconds to wait out an object-store outage")
 
     @field_validator("job")
     @classmethod

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import urllib3
 import yaml
@@ -36,6 +37,36 @@ CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenie
 
 class ObjectNotFoundError(StorageError):
     """The key does not exist (at this location)."""
+
+
+class StorageUnavailableError(StorageError):
+    """The server could not be reached or failed (5xx) even after the client's retries: an outage,
+    which may pass, unlike a missing bucket or refused credentials."""
+
+
+OUTAGE_ERRORS = ("InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout")
+Result = TypeVar("Result")
+
+
+def wait_out_outage(call: Callable[[], Result], patience: float, on_wait: Callable[[str], None] = print) -> Result:
+    """``call()``, repeated while the storage is unavailable for up to ``patience`` seconds.
+
+    For work that is expensive to lose (a bulk job's trained concepts): the client's own retries
+    cover a blip of seconds; this covers a restart of the object store. Other errors are raised
+    at once. ``on_wait`` hears one line per wait, without credentials (the errors carry none).
+    """
+    deadline = time.monotonic() + patience
+    pause = 1.0
+    while True:
+        try:
+            return call()
+        except StorageUnavailableError as err:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            on_wait(f"{err}; trying again in {min(pause, left):.0f} s (waiting up to {patience:.0f} s in all)")
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 30.0)
 
 
 @dataclass(frozen=True)
@@ -263,12 +294,14 @@ class S3Storage:
                     f"{self.settings.url} refused the credentials ({err.code}) while {action} {where}; check "
                     "ONEWORD_S3_ACCESS_KEY / ONEWORD_S3_SECRET_KEY (or ONEWORD_S3_CONFIG)"
                 ) from None
+            if err.code in OUTAGE_ERRORS:
+                raise StorageUnavailableError(f"{self.settings.url}: {err.code} while {action} {where}") from None
             raise StorageError(f"{self.settings.url}: {err.code} while {action} {where}") from None
         except (ServerError, InvalidResponseError) as err:
-            raise StorageError(f"{self.settings.url}: bad response while {action} {where} ({err})") from None
+            raise StorageUnavailableError(f"{self.settings.url}: bad response while {action} {where} ({err})") from None
         except urllib3.exceptions.HTTPError as err:
             reason = getattr(err, "reason", None) or err
-            raise StorageError(
+            raise StorageUnavailableError(
                 f"cannot reach S3 endpoint {self.settings.url} while {action} {where} "
                 f"(after {self.settings.retries} retries): {type(reason).__name__}"
             ) from None

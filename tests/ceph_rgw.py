@@ -208,8 +208,17 @@ class CephRGW:
         self._kill("client.rgw")
 
     def start_gateway(self) -> None:
-        self._run("radosgw", "-n", "client.rgw")
+        """Starts radosgw again (a no-op while it runs); returns once it answers."""
+        if not self._alive("client.rgw"):
+            self._run("radosgw", "-n", "client.rgw")
         self._wait_ready(60)
+
+    def _alive(self, name: str) -> bool:
+        pid = self._pid(name)
+        try:
+            return pid is not None and os.kill(pid, 0) is None
+        except ProcessLookupError:
+            return False
 
     def stop(self) -> None:
         for name in ("client.rgw", "osd.0", "mon.a"):

@@ -236,8 +236,8 @@ def test_s3_outage_during_training_is_waited_out(ray_head, s3_server, s3_bucket,
     assert oneword("submit", str(manifest), "--address", ray_head.jobs_api, env=env).returncode == 0
     os.environ.update({k: v for k, v in env.items() if k.startswith("ONEWORD_S3_")})
     wait_for_step(manifest, "patient", 15)
-    s3_server.stop_gateway()  # the S3 server disappears for a few seconds mid-training
-    time.sleep(5)
+    s3_server.stop_gateway()  # the S3 server disappears mid-training, for longer than the client's retries
+    time.sleep(20)
     s3_server.start_gateway()
     final = wait_for_end(manifest, env)
     assert final["state"] == "succeeded", final

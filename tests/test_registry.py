@@ -22,7 +22,15 @@ from pipeline.registry import (
     Registry,
     new_version,
 )
-from pipeline.storage import LocalStorage, S3Settings, S3Storage, open_storage
+from pipeline.storage import (
+    LocalStorage,
+    ObjectNotFoundError,
+    S3Settings,
+    S3Storage,
+    StorageUnavailableError,
+    open_storage,
+    wait_out_outage,
+)
 
 
 def concept(name: str, fill: float, n: int = 2, dim: int = 8, base_model: str | None = "clip-test") -> LearnedConcept:
@@ -219,6 +227,31 @@ def test_s3_unreachable_endpoint_is_a_clear_error(tmp_path):
     with pytest.raises(StorageError, match=r"cannot reach S3 endpoint http://127\.0\.0\.1:\d+") as info:
         registry.publish(concept("my-dog", 1.0))
     assert "sk-very-secret" not in str(info.value)
+
+
+def test_waiting_out_an_s3_outage(s3_server, s3_settings, s3_bucket):
+    """Outages are waited out for the patience given, then raised; other errors are raised at once."""
+    storage = S3Storage(s3_bucket, "patience", s3_settings)
+    storage.put("a.json", b"{}")
+    waits: list[str] = []
+    comeback = threading.Timer(0, lambda: None)
+    s3_server.stop_gateway()
+    try:
+        with pytest.raises(StorageUnavailableError, match="cannot reach S3 endpoint"):
+            wait_out_outage(lambda: storage.get("a.json"), patience=2, on_wait=waits.append)
+        assert waits and all("waiting up to 2 s" in line for line in waits)
+        assert not any(s3_settings.secret_key.get_secret_value() in line for line in waits)
+        comeback = threading.Timer(3, s3_server.start_gateway)  # back while the next call is waiting
+        comeback.start()
+        assert wait_out_outage(lambda: storage.get("a.json"), patience=120, on_wait=waits.append) == b"{}"
+    finally:
+        comeback.cancel()
+        comeback.join()
+        s3_server.start_gateway()  # a no-op when it is already back
+    waits.clear()
+    with pytest.raises(ObjectNotFoundError):
+        wait_out_outage(lambda: storage.get("missing.json"), patience=120, on_wait=waits.append)
+    assert waits == []  # a missing object is not an outage: no waiting
 
 
 def test_s3_wrong_credentials_and_missing_bucket(s3_server, s3_settings, s3_bucket):
