@@ -5,11 +5,11 @@ one generator replica (tiny model, CPU, 1 CPU), and measures over HTTP:
 
 1. images/s and p50/p95 latency at concurrency 1, 4 and 16, batched (max_batch_size 8) and
    unbatched (max_batch_size 1);
-2. a cached concept vs a plain prompt (concurrency 1): the per-request cost of concepts;
+2. a cached concept vs a plain prompt (concurrency 1, alternating): the per-request cost of concepts;
 3. hot-loading: resolving a just-published concept from S3 (in the replica's cache code, timed
    in-process) vs a cached one;
-4. a mixed-concept batch (16 requests, 16 concepts) vs a single-concept batch (16 requests, one
-   concept): throughput ratio;
+4. mixed-concept batches (requests cycling through 16 concepts, each used once before) vs
+   single-concept batches (one concept), concurrency 16, alternating repetitions: throughput ratio;
 5. Serve's overhead: HTTP at concurrency 1 vs calling the pipeline directly in-process, one thread.
 
     .venv/bin/python benchmarks/serving_latency.py --requests 64
@@ -60,6 +60,24 @@ def load(base: str, bodies: list[dict], concurrency: int) -> tuple[float, list[f
     return len(bodies) / (time.perf_counter() - started), latencies
 
 
+def pairs(base: str, count: int) -> tuple[list[float], list[float]]:
+    """``count`` pairs of a plain-prompt and a cached-concept request at concurrency 1, which one
+    goes first alternating from pair to pair; latencies in ms."""
+    import httpx
+
+    plain, concept = [], []
+    with httpx.Client(timeout=300) as client:
+        for i in range(count):
+            pair = [("a photo of a star", plain), ("a photo of <c0>", concept)]
+            for prompt, into in pair if i % 2 == 0 else pair[::-1]:
+                started = time.perf_counter()
+                response = client.post(f"{base}/v1/generate", json=body(prompt, i))
+                into.append((time.perf_counter() - started) * 1000)
+                if response.status_code != 200:
+                    raise SystemExit(f"HTTP {response.status_code}: {response.text[:300]}")
+    return plain, concept
+
+
 def body(prompt: str, seed: int) -> dict:
     return {"prompt": prompt, "seed": seed, "width": SIZE, "height": SIZE, "steps": STEPS}
 
@@ -67,6 +85,8 @@ def body(prompt: str, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=64, help="requests per load measurement")
+    parser.add_argument("--pairs", type=int, default=120, help="plain/concept request pairs (concurrency 1)")
+    parser.add_argument("--reps", type=int, default=7, help="repetitions of the single vs mixed batch runs")
     args = parser.parse_args()
     reexec_isolated([sys.executable, *sys.argv])
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -119,11 +139,14 @@ def main() -> None:
             torch.set_num_threads(1)
             generator = ImageGenerator(model)
             vectors = {"c0": registry.get("c0")[1].vectors}
-            direct = []
-            for i in range(12):
-                started = time.perf_counter()
-                generator.generate(["a photo of <c0>"], vectors, seeds=[i], steps=STEPS, height=SIZE, width=SIZE)
-                direct.append((time.perf_counter() - started) * 1000)
+            direct, direct_plain = [], []  # alternating, as over HTTP below: the pipeline's own cost of a concept
+            for i in range(60):
+                pair = [("a photo of <c0>", vectors, direct), ("a photo of a star", {}, direct_plain)]
+                for prompt, concepts, into in pair if i % 2 == 0 else pair[::-1]:
+                    started = time.perf_counter()
+                    generator.generate([prompt], concepts, seeds=[i], steps=STEPS, height=SIZE, width=SIZE)
+                    into.append((time.perf_counter() - started) * 1000)
+            direct_diff = statistics.median(c - p for p, c in zip(direct_plain, direct, strict=True))
 
             port = free_port()
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -144,18 +167,21 @@ def main() -> None:
                     rows.append((label, concurrency, rate, percentile(latencies, 0.5), percentile(latencies, 0.95)))
                     print(f"{label} c={concurrency}: {rate:.2f} img/s", flush=True)
                 if batch > 1:
-                    plain = [load(base, [body("a photo of a star", i)], 1)[1][0] for i in range(24)]
-                    concept = [load(base, [body("a photo of <c0>", i)], 1)[1][0] for i in range(24)]
+                    # 2. alternating plain / concept requests on one connection, so drift and noise
+                    # hit both alike; the cost is the median of the paired differences
+                    plain, concept = pairs(base, args.pairs)
                     results["plain p50"], results["concept p50"] = statistics.median(plain), statistics.median(concept)
+                    results["pair diff p50"] = statistics.median(c - p for p, c in zip(plain, concept, strict=True))
                     results["http c1 p50"] = statistics.median(concept)
+                    # 4. every concept used once first (a first use is the hot-load, measured above)
+                    load(base, [body(f"a photo of <c{i}>", i) for i in range(16)], 16)
                     single_rates, mixed_rates = [], []
-                    for rep in range(3):
-                        single_rates.append(
-                            load(base, [body("a photo of <c0>", rep * 16 + i) for i in range(16)], 16)[0]
-                        )
-                        mixed_rates.append(
-                            load(base, [body(f"a photo of <c{i}>", rep * 16 + i) for i in range(16)], 16)[0]
-                        )
+                    for rep in range(args.reps):
+                        seeds = range(rep * args.requests, (rep + 1) * args.requests)
+                        single_rates.append(load(base, [body("a photo of <c0>", s) for s in seeds], 16)[0])
+                        mixed_rates.append(load(base, [body(f"a photo of <c{s % 16}>", s) for s in seeds], 16)[0])
+                    print(f"single-concept img/s per rep: {[round(r, 2) for r in single_rates]}; "
+                          f"mixed: {[round(r, 2) for r in mixed_rates]}", flush=True)  # fmt: skip
                     results["single img/s"], results["mixed img/s"] = (statistics.median(single_rates),
                                                                        statistics.median(mixed_rates))  # fmt: skip
             serve.shutdown()
@@ -167,15 +193,22 @@ def main() -> None:
     for label, concurrency, rate, p50, p95 in rows:
         print(f"{label:<14}{concurrency:>12}{rate:>10.2f}{p50:>9.1f}{p95:>9.1f}")
     print(
-        f"\nconcept vs plain prompt (c=1, p50): {results['concept p50']:.1f} vs {results['plain p50']:.1f} ms "
-        f"({(results['concept p50'] / results['plain p50'] - 1) * 100:+.1f}%)"
+        f"\nconcept vs plain prompt (c=1, {args.pairs} alternating pairs): p50 {results['concept p50']:.2f} vs "
+        f"{results['plain p50']:.2f} ms ({(results['concept p50'] / results['plain p50'] - 1) * 100:+.2f}%); "
+        f"median paired difference {results['pair diff p50']:+.2f} ms "
+        f"({results['pair diff p50'] / results['plain p50'] * 100:+.2f}%)"
+    )
+    print(
+        f"the same, the pipeline called in-process (60 pairs): median paired difference {direct_diff:+.3f} ms "
+        f"({direct_diff / statistics.median(direct_plain) * 100:+.2f}%)"
     )
     print(
         f"hot-load from S3 (resolve a new concept): p50 {statistics.median(hot):.1f} ms, "
         f"p95 {percentile(hot, 0.95):.1f} ms; cached: p50 {statistics.median(cached):.3f} ms"
     )
     print(
-        f"mixed-concept batch vs single-concept batch (16 requests, c=16): {results['mixed img/s']:.2f} vs "
+        f"mixed-concept batches vs single-concept batches ({args.requests} requests, 16 concepts, c=16, "
+        f"median of {args.reps}): {results['mixed img/s']:.2f} vs "
         f"{results['single img/s']:.2f} img/s = {results['mixed img/s'] / results['single img/s']:.2f}x"
     )
     print(

@@ -189,7 +189,8 @@ class Generator:
             )
         return size
 
-    def _resolve(self, prompt: str, negative: str):
+    def _resolve(self, prompt: str, negative: str, cached_only: bool = False):
+        """The prompt with its concepts pinned and loaded, or (``cached_only``) None on a cache miss."""
         from pipeline.concepts import InvalidNameError
         from pipeline.generation import IncompatibleConceptError
         from pipeline.registry import ConceptNotFoundError
@@ -197,7 +198,9 @@ class Generator:
         if len(prompt) > self.settings.max_prompt_chars:
             raise ApiError(422, "prompt_too_long", f"prompt over {self.settings.max_prompt_chars} characters")
         try:
-            resolved = self.cache.resolve(prompt, negative)
+            resolved = self.cache.resolve(prompt, negative, cached_only)
+            if resolved is None:
+                return None
             for text in (resolved.prompt, resolved.negative):  # token limit after concept expansion
                 counts = {key: v.shape[0] for key, v in resolved.vectors.items()}
                 self.generator.encoder.tokenize(text, counts)
@@ -227,7 +230,10 @@ class Generator:
         if steps > s.max_steps:
             raise ApiError(422, "too_many_steps", f"steps {steps}: at most {s.max_steps}")
         width, height = self._size(request.width, "width"), self._size(request.height, "height")
-        resolved = await asyncio.to_thread(self._resolve, request.prompt, request.negative_prompt)
+        # Concepts in the cache resolve right here; a miss asks the registry from a worker thread.
+        resolved = self._resolve(request.prompt, request.negative_prompt, cached_only=True)
+        if resolved is None:
+            resolved = await asyncio.to_thread(self._resolve, request.prompt, request.negative_prompt)
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "big") >> 1
         job = RenderJob([resolved.prompt] * request.n, [resolved.negative] * request.n,
                         [seed + i for i in range(request.n)], resolved.vectors, steps, request.guidance_scale,

@@ -44,6 +44,7 @@ class ServeSettings(BaseModel):
     downscale_delay_s: float = Field(300.0, ge=0)
     max_ongoing_requests: int = Field(16, ge=1)
     max_queued_requests: int = Field(64, ge=-1, description="beyond this, 503 instead of waiting (-1: no limit)")
+    retry_after_s: float = Field(2.0, ge=0, description="the Retry-After header of that 503, in seconds")
     num_gpus: float = Field(0.0, ge=0, le=8, description="GPU (fraction) per replica")
     num_cpus: float = Field(1.0, gt=0)
     max_batch_size: int = Field(8, ge=1, description="requests batched into one pipeline call")
@@ -74,6 +75,7 @@ class ServeSettings(BaseModel):
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s},
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
         }
