@@ -237,6 +237,7 @@ def train_one(spec_data: dict[str, Any], name: str) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from pipeline.formats import LearnedConcept
+    from pipeline.inversion import Inversion
     from pipeline.registry import Registry
 
     started = time.time()
@@ -279,7 +280,7 @@ def train_one(spec_data: dict[str, Any], name: str) -> dict[str, Any]:
         progress = patiently(lambda: read_json(job_storage(spec), progress_key(spec.job, name))) or {}
         learned = LearnedConcept(
             name=name,
-            vectors=torch.stack(state["vectors"]),
+            vectors=Inversion.learned_vectors_of(state),
             base_model=state["identity"],  # the text encoder the worker trained against
             steps=int(state["step"]),
             final_loss=float(state["last_loss"]),

@@ -74,6 +74,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         type=float,
         help="weight of the L2 pull toward the initialiser embedding (default 0)",
     )
+    add(
+        "--average-decay",
+        type=float,
+        help="save a moving average of the vectors with this decay, e.g. 0.95 (default 0: the last step's)",
+    )
     add("--per-image-tokens", action="store_true", default=None, help="also learn one token per image")
     add("--per-image-mix-prob", type=float, help="probability a caption uses the image token (0.25)")
     add("--templates", choices=["object", "style"], help="caption template set (default object)")

@@ -44,6 +44,13 @@ class InversionConfig(BaseModel):
         ge=0.0,
         description="weight of the pull toward the initialiser: mean ||v - v_init||^2 / ||v_init||^2",
     )
+    average_decay: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="keep an exponential moving average of the vectors with this decay (e.g. 0.95) and "
+        "save it instead of the last iterate; 0: off",
+    )
     per_image_tokens: bool = Field(False, description="learn an extra token per training image as well")
     per_image_mix_prob: float = Field(
         0.25, ge=0.0, le=1.0, description="probability that a caption also names the image's own token"

@@ -63,6 +63,8 @@ class Inversion:
         self.latent_mean, self.latent_std = self._encode_latent_distributions(images)
 
         self.vectors = [self._new_vector() for _ in range(config.num_vectors)]
+        # the moving average of the vectors (``average_decay``): what is saved when it is on
+        self.averages = [v.detach().clone() for v in self.vectors] if config.average_decay else []
         self.image_vectors = [self._new_vector() for _ in range(self.num_images)] if config.per_image_tokens else []
         self.optimizer = torch.optim.AdamW(
             self.vectors + self.image_vectors, lr=config.effective_learning_rate, weight_decay=config.weight_decay
@@ -95,6 +97,8 @@ class Inversion:
             vector = self._new_vector()
             self.vectors.append(vector)
             self.optimizer.add_param_group({"params": [vector]})
+            if self.config.average_decay:
+                self.averages.append(vector.detach().clone())
 
     # --- the step ---------------------------------------------------------------------------------
 
@@ -173,6 +177,9 @@ class Inversion:
             (objective / accum).backward()
             total += loss.item() / accum
         self.optimizer.step()
+        with torch.no_grad():
+            for average, vector in zip(self.averages, self.vectors, strict=False):
+                average.lerp_(vector, 1.0 - self.config.average_decay)
         self.step_count += 1
         self.last_loss = total
         return total
@@ -180,8 +187,9 @@ class Inversion:
     # --- results and evaluation -------------------------------------------------------------------
 
     def learned_vectors(self) -> torch.Tensor:
-        """The pseudo-word's vectors, ``[n, dim]`` float32 on CPU (per-image tokens excluded)."""
-        return torch.stack(self.vectors).detach().float().cpu()
+        """The pseudo-word's vectors, ``[n, dim]`` float32 on CPU (per-image tokens excluded): their
+        moving average when ``average_decay`` is on, else the last iterate."""
+        return torch.stack(self.averages or self.vectors).detach().float().cpu()
 
     def evaluation_batch(self, seed: int, repeats: int = 4, template: str = "a photo of a {}") -> Batch:
         """Fixed (noise, timestep) pairs over every image: the same batch for any vectors."""
@@ -219,12 +227,18 @@ class Inversion:
             "step": self.step_count,
             "last_loss": self.last_loss,
             "vectors": [v.detach().cpu().clone() for v in self.vectors],
+            "averages": [v.detach().cpu().clone() for v in self.averages],
             "image_vectors": [v.detach().cpu().clone() for v in self.image_vectors],
             "optimizer": self.optimizer.state_dict(),
             "rng": self.generator.get_state(),
             "order": self._order.clone(),
             "cursor": self._cursor,
         }
+
+    @staticmethod
+    def learned_vectors_of(state: dict[str, Any]) -> torch.Tensor:
+        """``learned_vectors()`` of a saved ``state_dict()``, without a model."""
+        return torch.stack(state.get("averages") or state["vectors"]).float()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores a ``state_dict()``; refuses one from another concept, model or trajectory."""
@@ -243,6 +257,8 @@ class Inversion:
             return [torch.nn.Parameter(t.to(self.device, torch.float32).clone()) for t in tensors]
 
         self.vectors, self.image_vectors = params(state["vectors"]), params(state["image_vectors"])
+        averages = state.get("averages") or ([v.detach() for v in self.vectors] if self.config.average_decay else [])
+        self.averages = [t.to(self.device, torch.float32).clone() for t in averages]
         initial = self.config.num_vectors
         self.optimizer = torch.optim.AdamW(
             self.vectors[:initial] + self.image_vectors,

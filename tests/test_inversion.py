@@ -72,8 +72,9 @@ def test_vae_runs_only_at_setup(model, star_images):
         {"num_vectors": 3},
         {"progressive_steps": [3, 7], "regularization_weight": 0.1},
         {"per_image_tokens": True, "per_image_mix_prob": 0.5, "grad_accum": 2, "templates": "style"},
+        {"progressive_steps": [3, 7], "average_decay": 0.8},
     ],
-    ids=["plain", "multi-vector", "progressive+regularised", "per-image+accum+style"],
+    ids=["plain", "multi-vector", "progressive+regularised", "per-image+accum+style", "progressive+averaged"],
 )
 def test_resume_is_bit_identical(model, star_images, variant):
     config = small_config(steps=10, **variant)
@@ -101,6 +102,22 @@ def test_progressive_extension_adds_vectors_on_schedule(model, star_images):
         engine.step()
         counts.append(len(engine.vectors))
     assert counts == [1, 1, 2, 2, 2, 3, 3]
+
+
+def test_averaging_saves_the_moving_average_of_the_iterates(model, star_images):
+    decay = 0.9
+    engine = Inversion(model, star_images, small_config(steps=12, average_decay=decay, progressive_steps=[4]), "s")
+    start = engine.vectors[0].detach().clone()
+    expected = [start]
+    for _ in range(12):
+        engine.step()
+        if len(engine.vectors) > len(expected):  # appended at this step: its average starts at the initialiser too
+            expected.append(model.token_embedding("shape").float())
+        expected = [decay * e + (1 - decay) * v.detach() for e, v in zip(expected, engine.vectors, strict=True)]
+    learned = engine.learned_vectors()
+    assert torch.allclose(learned, torch.stack(expected), atol=1e-6)
+    assert not torch.allclose(learned, torch.stack(engine.vectors).detach(), atol=1e-4)  # not the last iterate
+    assert torch.equal(Inversion.learned_vectors_of(engine.state_dict()), learned)  # what a checkpoint publishes
 
 
 def test_regularisation_keeps_vectors_near_the_initialiser(model, star_images):
