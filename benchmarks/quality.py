@@ -4,7 +4,8 @@ For each concept (a named shape learned from the neutral word "shape", an unname
 from "thing"), each variant (1 vector, 2 vectors, progressive, regularisation, per-image tokens,
 higher learning rate, averaged iterates with and without regularisation) and each seed: learn
 the concept from 5 images with the bundled model, render "a photo of a S*" and colour edits
-("a photo of a red S*"), and score them with the oracle. The initialiser word is the lower
+("a photo of a red S*"), and score them with the oracle; a colour learned as its own concept
+is composed with each shape ("a photo of a <my-purple> S*"). The initialiser word is the lower
 bound, the true word (where the world has one) the upper. Prints a table, writes JSON, a
 markdown table and a PNG scatter like the paper's figure.
 
@@ -31,7 +32,7 @@ from pipeline.generation import ImageGenerator
 from pipeline.inversion import Inversion
 from pipeline.model import load_base_model
 from pipeline.shapesworld import write_concept_images
-from pipeline.shapesworld_eval import bundled_oracle, score_subject
+from pipeline.shapesworld_eval import bundled_oracle, score_prompt, score_subject
 
 # (name, shape, training colour, initialiser word, true word or None)
 CONCEPTS = [
@@ -40,6 +41,19 @@ CONCEPTS = [
     ("my-hourglass", "hourglass", "green", "thing", None),
     ("my-arrow", "arrow", "red", "thing", None),
 ]
+
+
+# Composition: a colour learned as its own concept (from four different shapes in that colour,
+# with captions that put the word where a colour goes), then "a photo of a <my-purple> <my-star>".
+COLOUR_CONCEPT = ("my-purple", "purple", "colour")  # name, colour, initialiser word
+COLOUR_SHAPES = ("circle", "square", "triangle", "ring")  # none of the shapes it is composed with
+COLOUR_TEMPLATES = ["a photo of a {} shape", "a {} shape", "a photo of a {} thing", "a rendering of a {} shape"]
+
+
+def compose(generator, oracle, subject: str, shape: str, vectors: dict, samples: int, seed: int) -> float:
+    """Share of "a photo of a <subject>" images with ``shape`` in the colour concept's colour."""
+    return score_prompt(generator, oracle, f"a photo of a {subject}", shape, COLOUR_CONCEPT[1], vectors,
+                        samples=samples, seed=2000 + seed)  # fmt: skip
 
 
 def variants(steps: int, base: dict) -> dict[str, dict]:
@@ -93,6 +107,8 @@ def main() -> None:
     parser.add_argument("--variants", default="", help="comma-separated subset (default: all)")
     parser.add_argument("--set", action="append", default=[], help="base config override KEY=JSON (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("docs/quality"))
+    parser.add_argument("--no-composition", dest="composition", action="store_false",
+                        help="skip learning the colour concept and scoring compositions")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (scores differ from CPU's only by sampling)")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -112,6 +128,21 @@ def main() -> None:
     started = time.time()
     results = args.out / "results.json"
     for seed in range(args.seeds):  # seed-major: a run cut short still covers every concept
+        colour_vectors = {}  # variant -> the colour concept learned with that variant, for compositions
+        if args.composition:
+            colour_name, learned_colour, colour_init = COLOUR_CONCEPT
+            folder = args.out / "images" / colour_name
+            files = [write_concept_images(folder, s, learned_colour, count=1, seed=seed * 10 + i)[0]
+                     for i, s in enumerate(COLOUR_SHAPES)]  # fmt: skip
+            colour_images = load_images(files, model.resolution)
+            for label, overrides in chosen.items():
+                config = InversionConfig(**{**base, **overrides, "init_word": colour_init, "seed": seed,
+                                            "templates": COLOUR_TEMPLATES})  # fmt: skip
+                engine = Inversion(model, colour_images, config, colour_name)
+                for _ in range(config.steps):
+                    engine.step()
+                colour_vectors[label] = engine.learned_vectors()
+
         for name, shape, colour, init_word, true_word in concepts:
             image_dir = args.out / "images" / name
             images = load_images(write_concept_images(image_dir, shape, colour, count=5, seed=seed), model.resolution)
@@ -120,7 +151,11 @@ def main() -> None:
                 full = f"{colour} {word}" if label == "true word" else None  # the true word names the colour too
                 scores = score_subject(generator, oracle, word, shape, colour, samples=args.samples, seed=1000 + seed,
                                        reconstruction_subject=full)  # fmt: skip
-                records.append({"concept": name, "variant": label, "seed": seed, **scores.as_dict()})
+                # bounds of a composition: both words at their initialisers; the true colour and shape words
+                pair = f"{COLOUR_CONCEPT[1] if label == 'true word' else COLOUR_CONCEPT[2]} {word}"
+                composed = compose(generator, oracle, pair, shape, {}, args.samples, seed) if args.composition else None
+                records.append({"concept": name, "variant": label, "seed": seed, **scores.as_dict(),
+                                "composition": composed})  # fmt: skip
             for label, overrides in chosen.items():
                 config = InversionConfig(**{**base, **overrides, "init_word": init_word, "seed": seed})
                 engine = Inversion(model, images, config, name)
@@ -130,11 +165,18 @@ def main() -> None:
                 scores = score_subject(generator, oracle, f"<{name}>", shape, colour, {name: vectors},
                                        samples=args.samples, seed=1000 + seed)  # fmt: skip
                 norm = vectors.norm(dim=-1).mean().item() / engine.init_embedding.norm().item()
+                composed = None
+                if args.composition:
+                    both = {name: vectors, COLOUR_CONCEPT[0]: colour_vectors[label]}
+                    composed = compose(generator, oracle, f"<{COLOUR_CONCEPT[0]}> <{name}>", shape, both, args.samples,
+                                       seed)  # fmt: skip
                 records.append({"concept": name, "variant": label, "seed": seed, "norm_ratio": norm,
-                                "final_loss": engine.last_loss, **scores.as_dict()})  # fmt: skip
+                                "final_loss": engine.last_loss, "composition": composed,
+                                **scores.as_dict()})  # fmt: skip
                 print(f"[{time.time() - started:6.0f}s] {name} seed {seed} {label:<18} "
                       f"recon {scores.reconstruction:.2f} edit {scores.editability:.2f} "
-                      f"shape-kept {scores.edited_shape:.2f} |v|/|init| {norm:.2f}", flush=True)  # fmt: skip
+                      f"shape-kept {scores.edited_shape:.2f} |v|/|init| {norm:.2f}"
+                      + (f" composed {composed:.2f}" if composed is not None else ""), flush=True)  # fmt: skip
                 results.write_text(json.dumps({"config": base, "records": records}, indent=2) + "\n")
     summarize(records, list(chosen), [c[0] for c in concepts], args.out)
     print(f"\nwrote {args.out}/results.json, table.md, scatter.png in {time.time() - started:.0f}s")
@@ -151,17 +193,20 @@ def summarize(records: list[dict], variant_names: list[str], concept_names: list
             row = {"variant": variant, "concept": name}
             for key in ("reconstruction", "editability", "edited_shape"):
                 row[key] = statistics.mean(r[key] for r in picked)
+            composed = [r["composition"] for r in picked if r.get("composition") is not None]
+            row["composition"] = statistics.mean(composed) if composed else None
             rows.append(row)
-    print(f"\n{'variant':<18}{'concept':<14}{'recon':>7}{'edit':>7}{'shape kept':>12}")
+    print(f"\n{'variant':<18}{'concept':<14}{'recon':>7}{'edit':>7}{'shape kept':>12}{'composed':>10}")
     lines = [
-        "| variant | concept | reconstruction | editability | edited shape kept |",
-        "| --- | --- | --- | --- | --- |",
+        "| variant | concept | reconstruction | editability | edited shape kept | composition |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
+        composed = f"{row['composition']:.2f}" if row["composition"] is not None else "—"
         print(f"{row['variant']:<18}{row['concept']:<14}{row['reconstruction']:>7.2f}{row['editability']:>7.2f}"
-              f"{row['edited_shape']:>12.2f}")  # fmt: skip
+              f"{row['edited_shape']:>12.2f}{composed:>10}")  # fmt: skip
         lines.append(f"| {row['variant']} | {row['concept']} | {row['reconstruction']:.2f} | "
-                     f"{row['editability']:.2f} | {row['edited_shape']:.2f} |")  # fmt: skip
+                     f"{row['editability']:.2f} | {row['edited_shape']:.2f} | {composed} |")  # fmt: skip
     (out / "table.md").write_text("\n".join(lines) + "\n")
     scatter([r for r in rows if r["concept"] == "mean"], out / "scatter.png")
 

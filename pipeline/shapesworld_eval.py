@@ -79,13 +79,8 @@ def score_subject(
     colours = list(colours) if colours is not None else edit_colours(colour)
     jobs = [(f"a photo of a {reconstruction_subject or subject}", shape, colour, False)]
     jobs += [(f"a photo of a {c} {subject}", shape, c, True) for c in colours]
-    prompts = [prompt for prompt, *_ in jobs for _ in range(samples)]
-    seeds = [seed + i for _ in jobs for i in range(samples)]
-    images = []
-    for start in range(0, len(prompts), 32):
-        images += generator.generate(prompts[start : start + 32], concepts or {}, seeds=seeds[start : start + 32],
-                                     steps=SAMPLING_STEPS, guidance_scale=GUIDANCE)  # fmt: skip
-    predicted = oracle.classify(to_tensor(images))
+    prompts = [prompt for prompt, *_ in jobs]
+    images, predicted = _sample_and_classify(generator, oracle, prompts, concepts, samples, seed)
     recon, edit, edit_shape, edit_total = 0, 0, 0, 0
     for i, (_, want_shape, want_colour, edited) in enumerate(job for job in jobs for _ in range(samples)):
         got_shape, got_colour = predicted[i]
@@ -96,6 +91,28 @@ def score_subject(
         else:
             recon += (got_shape, got_colour) == (want_shape, want_colour)
     return ConceptScores(recon / samples, edit / edit_total, edit_shape / edit_total, images)
+
+
+def score_prompt(generator: ImageGenerator, oracle: Oracle, prompt: str, shape: str, colour: str,
+                 concepts: Mapping[str, torch.Tensor] | None = None, samples: int = 8,
+                 seed: int = 0) -> float:  # fmt: skip
+    """The share of ``samples`` images of ``prompt`` that the oracle reads as ``shape`` in ``colour``
+    (e.g. a composition of two learned concepts: "a photo of a <my-purple> <my-star>")."""
+    _, predicted = _sample_and_classify(generator, oracle, [prompt], concepts, samples, seed)
+    return sum(p == (shape, colour) for p in predicted) / samples
+
+
+def _sample_and_classify(generator: ImageGenerator, oracle: Oracle, prompts: Sequence[str],
+                         concepts: Mapping[str, torch.Tensor] | None, samples: int, seed: int):  # fmt: skip
+    """``samples`` images per prompt (seeds ``seed + i``), in batches of 32, and the oracle's
+    (shape, colour) for each."""
+    all_prompts = [prompt for prompt in prompts for _ in range(samples)]
+    seeds = [seed + i for _ in prompts for i in range(samples)]
+    images = []
+    for start in range(0, len(all_prompts), 32):
+        images += generator.generate(all_prompts[start : start + 32], concepts or {}, seeds=seeds[start : start + 32],
+                                     steps=SAMPLING_STEPS, guidance_scale=GUIDANCE)  # fmt: skip
+    return images, oracle.classify(to_tensor(images))
 
 
 def scores_grid(scores: ConceptScores, samples: int) -> Image.Image:
