@@ -217,7 +217,8 @@ class ConceptOutcome:
 
 
 def _check_images(spec: JobSpec, name: str) -> str | None:
-    """The reason a concept cannot train (missing or invalid images), or None."""
+    """The reason a concept cannot train (missing or invalid images), or None. An unreachable
+    object store is not a reason: it is raised, to be waited out."""
     concept = next(c for c in spec.concepts if c.name == name)
     config = spec.config_for(concept)
     try:
@@ -226,6 +227,8 @@ def _check_images(spec: JobSpec, name: str) -> str | None:
             if not folder.exists():
                 return f"images: {concept.images}: no such folder"
             load_images(folder, config.resolution or 8, config.min_image_side or 1)
+    except StorageUnavailableError:
+        raise
     except OnewordError as err:
         return f"images: {err}"
     return None
