@@ -22,6 +22,7 @@ from pipeline.inversion import Inversion
 from pipeline.job_spec import load_job_spec, parse_job_spec
 from pipeline.model import load_base_model
 from pipeline.registry import Registry
+from pipeline.storage import StorageUnavailableError
 
 DEFAULTS = {"batch_size": 2, "log_interval": 5, "learning_rate": 5e-3, "seed": 3}
 
@@ -299,7 +300,7 @@ def test_manifest_errors_name_file_line_and_field():
     assert spec.run_name("my-dog") == "pets--my-dog" and spec.resources.gpu == 0
 
 
-def test_concept_images_from_an_s3_prefix(s3_env, s3_settings, s3_bucket, star_dir, tmp_path):
+def test_concept_images_from_an_s3_prefix(s3_server, s3_env, s3_settings, s3_bucket, star_dir, tmp_path):
     """A manifest's `images: s3://...` is downloaded for the worker and checked like a folder."""
     from pipeline.bulk_training import _check_images, fetch_images
     from pipeline.storage import S3Storage
@@ -318,3 +319,9 @@ def test_concept_images_from_an_s3_prefix(s3_env, s3_settings, s3_bucket, star_d
                                           "checkpoint_storage": "c", "concepts": concepts}))  # fmt: skip
     assert _check_images(spec, "good") is None
     assert "no images" in _check_images(spec, "empty")
+    s3_server.stop_gateway()  # unreachable is not "bad images": it is raised, for the caller to wait out
+    try:
+        with pytest.raises(StorageUnavailableError, match="cannot reach S3 endpoint"):
+            _check_images(spec, "good")
+    finally:
+        s3_server.start_gateway()
