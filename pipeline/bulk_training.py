@@ -265,19 +265,33 @@ def train_one(spec_data: dict[str, Any], name: str) -> dict[str, Any]:
 
         use_gpu = spec.resources.gpu > 0 and ray.cluster_resources().get("GPU", 0) > 0
         resources = {"CPU": spec.resources.cpu, **({"GPU": spec.resources.gpu} if use_gpu else {})}
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={"spec": spec_data, "concept": name},
-            scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
-            run_config=RunConfig(
-                name=spec.run_name(name),
-                storage_path=storage_path,
-                storage_filesystem=filesystem,
-                failure_config=FailureConfig(max_failures=spec.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
-            ),
+        run_config = RunConfig(
+            name=spec.run_name(name),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
         )
-        result = trainer.fit()
+        deadline = time.monotonic() + spec.storage_patience
+        while True:
+            trainer = TorchTrainer(
+                train_loop,
+                train_loop_config={"spec": spec_data, "concept": name},
+                scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
+                run_config=run_config,
+            )
+            try:
+                result = trainer.fit()
+                break
+            except Exception as err:
+                # Ray Train's controller gives up on a failed write of its own state, whatever
+                # FailureConfig says. Wait for the store, then fit the same run again: it resumes
+                # from its last checkpoint, as a resubmitted manifest would.
+                if not _is_storage_outage(err) or time.monotonic() > deadline:
+                    raise
+                print(f"[{spec.job}] {name}: Ray Train lost the object store ({_describe_failure(err)[:200]}); "
+                      "resuming the run from its last checkpoint once the store answers", flush=True)  # fmt: skip
+                patiently(lambda: read_json(job_storage(spec), status_key(spec.job)))
         with result.checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
         progress = patiently(lambda: read_json(job_storage(spec), progress_key(spec.job, name))) or {}
@@ -299,6 +313,18 @@ def train_one(spec_data: dict[str, Any], name: str) -> dict[str, Any]:
         outcome.error = _describe_failure(err)
     outcome.seconds = round(time.time() - started, 1)
     return asdict(outcome)
+
+
+def _is_storage_outage(err: BaseException) -> bool:
+    """Whether a Ray Train failure came from pyarrow's S3 client failing to connect."""
+    seen: BaseException | None = err
+    for _ in range(20):  # a chain of causes, never a cycle
+        if seen is None:
+            return False
+        if "AWS Error NETWORK_CONNECTION" in str(seen):
+            return True
+        seen = getattr(seen, "controller_failure", None) or seen.__cause__ or seen.__context__
+    return False
 
 
 def _describe_failure(err: Exception) -> str:

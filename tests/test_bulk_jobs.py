@@ -325,3 +325,21 @@ def test_concept_images_from_an_s3_prefix(s3_server, s3_env, s3_settings, s3_buc
             _check_images(spec, "good")
     finally:
         s3_server.start_gateway()
+
+
+def test_ray_train_failures_from_an_unreachable_store_are_told_apart():
+    """Ray Train's controller gives up on a failed write of its own state (a non-retryable
+    ControllerError); train_one refits the run for those only. The real failure depends on the
+    moment an outage starts, so this checks the classifier on Ray's own error type."""
+    from ray.train import ControllerError
+
+    from pipeline.bulk_training import _is_storage_outage
+
+    outage = OSError("When completing multiple part upload for key 'c/snapshot.json' in bucket 'b': AWS Error "
+                     "NETWORK_CONNECTION during CompleteMultipartUpload operation: curlCode: 7")  # fmt: skip
+    assert _is_storage_outage(ControllerError(outage))
+    wrapped = RuntimeError("fit failed")
+    wrapped.__cause__ = ControllerError(outage)
+    assert _is_storage_outage(wrapped)
+    assert not _is_storage_outage(ControllerError(ValueError("a bug in the controller")))
+    assert not _is_storage_outage(RuntimeError("Training failed due to worker errors"))
