@@ -201,8 +201,8 @@ class Generator:
             resolved = self.cache.resolve(prompt, negative, cached_only)
             if resolved is None:
                 return None
+            counts = {key: v.shape[0] for key, v in resolved.vectors.items()}
             for text in (resolved.prompt, resolved.negative):  # token limit after concept expansion
-                counts = {key: v.shape[0] for key, v in resolved.vectors.items()}
                 self.generator.encoder.tokenize(text, counts)
             return resolved
         except ConceptNotFoundError as err:
