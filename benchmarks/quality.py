@@ -66,6 +66,8 @@ def variants(steps: int, base: dict) -> dict[str, dict]:
         "higher lr (5x)": {"learning_rate": base["learning_rate"] * 5},
         "averaged": {"average_decay": 0.95},
         "averaged + reg": {"average_decay": 0.95, "regularization_weight": 1e-3},
+        # the recipe for the retrained base model (docs/quality.md, fourth round)
+        "averaged + reg 2e-3": {"average_decay": 0.95, "regularization_weight": 2e-3},
     }
 
 

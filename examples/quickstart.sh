@@ -13,7 +13,7 @@ run() { echo "+ $*" >&2; "$@"; }
 
 run $oneword example-images "$OUT/images" --shape star --colour yellow --count 5
 run $oneword train --images "$OUT/images" --name my-star --init-word shape --base-model shapesworld \
-    --out "$OUT/my-star" --steps 100 --batch-size 8 --lr 5e-3 --regularization 1e-3 --export a1111 --resume
+    --out "$OUT/my-star" --steps 200 --batch-size 8 --lr 5e-3 --regularization 2e-3 --average-decay 0.95 --export a1111 --resume
 run $oneword shapesworld-score --concept "$OUT/my-star/learned_embeds.safetensors" --shape star --colour yellow \
     --compare shape --compare star --out "$OUT/my-star-grid.png"
 run $oneword generate --base-model shapesworld --concept "$OUT/my-star/learned_embeds.safetensors" \

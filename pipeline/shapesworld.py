@@ -5,7 +5,7 @@ shape and colour off any image, so "the concept was learned" can be scored exact
 a dark noisy background with one shape at a random size, position and slight rotation.
 
 Six shapes have names in captions; two (hourglass, arrow) are never named: captions call them
-"thing", sometimes with attributes ("a red pointy long thing"), so a novel shape is reachable in
+"thing", often with attributes ("a red pointy long thing"), so a novel shape is reachable in
 text as a combination of attributes, as in the paper's setting, without ever being named.
 Everything is seeded and deterministic.
 """
@@ -109,8 +109,10 @@ class Sample:
 def random_caption(shape: str, colour: str, rng: random.Random) -> str:
     """A caption from the world's templates; unnamed shapes are only ever a 'thing'."""
     word = caption_word(shape)
-    roll = rng.random()
-    if roll < 0.3:  # attributes, for every shape, so that the words are grounded across shapes
+    # Attributes for every shape, so that the words are grounded across shapes; more often for
+    # the unnamed ones, whose attributes are the only text that tells them apart.
+    attribute_share = 0.3 if shape in NAMED_SHAPES else 0.6
+    if rng.random() < attribute_share:
         attributes = " ".join(rng.sample(ATTRIBUTES[shape], rng.choice((1, 2))))
         return rng.choice(("a photo of a {c} {a} thing", "a {c} {a} thing", "a photo of a {a} thing")).format(
             c=colour, a=attributes

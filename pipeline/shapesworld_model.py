@@ -1,6 +1,8 @@
 """Training ShapesWorld's text-to-image model and its oracle (reproducible, seeded, CPU-sized).
 
-    python -m pipeline.shapesworld_model OUT_DIR        # ~40 minutes on 2 cores
+    python -m pipeline.shapesworld_model OUT_DIR        # ~50 minutes on 2 cores
+    python -m pipeline.shapesworld_model OUT_DIR --reuse pipeline/assets/shapesworld
+                                                        # UNet + text encoder only, ~32 minutes
 
 writes OUT_DIR/model (a diffusers ``StableDiffusionPipeline`` folder, fp16 weights) and
 OUT_DIR/oracle.safetensors, plus a training log. The package ships the result in
@@ -273,16 +275,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=1200)
-    parser.add_argument("--generator-steps", type=int, default=2000)
+    parser.add_argument("--generator-steps", type=int, default=2500)
     parser.add_argument("--oracle-steps", type=int, default=1500)
+    parser.add_argument(
+        "--reuse", type=Path, metavar="DIR",
+        help="take the VAE and the oracle from an earlier run's OUT_DIR (e.g. pipeline/assets/shapesworld) "
+        "and train only the UNet and text encoder; neither depends on the captions",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"seed": args.seed, "steps": vars(args) | {"out": str(args.out)}}
+    steps = {"generator_steps": args.generator_steps}
+    if not args.reuse:
+        steps |= {"vae_steps": args.vae_steps, "oracle_steps": args.oracle_steps}
+    report: dict = {"seed": args.seed, "steps": steps}
     started = time.time()
-    vae = train_vae(args.vae_steps, args.seed)
-    log(f"vae done in {time.time() - started:.0f}s")
-    oracle, report["oracle"] = train_oracle(args.oracle_steps, args.seed + 1, vae)
+    if args.reuse:
+        vae, oracle, earlier = reuse_vae_and_oracle(args.reuse)
+        report["oracle"] = earlier["oracle"]
+        report["vae_and_oracle_from"] = earlier  # that run's own report
+    else:
+        vae = train_vae(args.vae_steps, args.seed)
+        log(f"vae done in {time.time() - started:.0f}s")
+        oracle, report["oracle"] = train_oracle(args.oracle_steps, args.seed + 1, vae)
     save_file(oracle.state_dict(), str(args.out / "oracle.safetensors"))
     log(f"oracle: {report['oracle']}")
     tokenizer, text_encoder, unet = train_generator(
@@ -293,6 +308,16 @@ def main(argv: list[str] | None = None) -> None:
     report["seconds"] = round(time.time() - started)
     (args.out / "training-report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"done: {report}")
+
+
+def reuse_vae_and_oracle(earlier: Path):
+    """The VAE (its shipped fp16 weights, in fp32) and oracle of an earlier run, and that run's report."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(earlier / "model" / "vae", torch_dtype=torch.float32).eval()
+    oracle = load_oracle(earlier / "oracle.safetensors")
+    report = json.loads((earlier / "training-report.json").read_text())
+    return vae.requires_grad_(False), oracle, report
 
 
 def load_oracle(path: Path) -> Oracle:

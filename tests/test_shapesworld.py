@@ -12,7 +12,7 @@ from pipeline.data import load_images
 from pipeline.generation import ImageGenerator
 from pipeline.inversion import Inversion
 from pipeline.model import load_base_model
-from pipeline.shapesworld import SHAPES, UNNAMED_SHAPES, draw_shape, random_sample, write_concept_images
+from pipeline.shapesworld import ATTRIBUTES, SHAPES, UNNAMED_SHAPES, draw_shape, random_sample, write_concept_images
 from pipeline.shapesworld_eval import bundled_dir, bundled_oracle, score_subject
 from pipeline.shapesworld_model import make_dataset, malformed_image
 
@@ -27,10 +27,15 @@ def test_world_is_deterministic_and_never_names_the_unnamed():
         assert not any(name in sample.caption for name in UNNAMED_SHAPES)
         if sample.shape in UNNAMED_SHAPES:
             assert "thing" in sample.caption or "shape" in sample.caption
-    attribute_captions = [
-        s.caption for s in samples if s.shape == "arrow" and ("pointy" in s.caption or "long" in s.caption)
-    ]
-    assert len(attribute_captions) > 20  # novel shapes are reachable through attributes
+
+    # novel shapes are reachable through their attributes, which describe them more often than the
+    # named shapes (for those, the name does the work)
+    def attribute_share(shape: str) -> float:
+        of_shape = [s.caption for s in samples if s.shape == shape]
+        return np.mean([any(a in c.split() for a in ATTRIBUTES[shape]) for c in of_shape])
+
+    assert 0.5 < attribute_share("arrow") < 0.7 and 0.5 < attribute_share("hourglass") < 0.7
+    assert 0.2 < attribute_share("star") < 0.4
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +70,12 @@ def test_the_engine_learns_a_named_shape(shapesworld, tmp_path):
     """One concept, seeded: reconstruction >= 0.9, edits keep the shape >= 0.9, editability >= 2x init word's."""
     images = load_images(write_concept_images(tmp_path, "star", "yellow", count=5, seed=0), shapesworld.resolution)
     # the recommended ShapesWorld recipe (docs/quality.md): a pull toward the initialiser keeps the
-    # training colour out of the word, so "a red <my-star>" comes out red
+    # training colour out of the word, so "a red <my-star>" comes out red; the saved vectors are the
+    # moving average of the iterates, which oscillate around the point where the colour gets in
     config = InversionConfig(
-        steps=100, batch_size=8, learning_rate=5e-3, regularization_weight=1e-3, init_word="shape", seed=0
-    )
+        steps=200, batch_size=8, learning_rate=5e-3, regularization_weight=2e-3, average_decay=0.95,
+        init_word="shape", seed=0,
+    )  # fmt: skip
     engine = Inversion(shapesworld, images, config, "my-star")
     for _ in range(config.steps):
         engine.step()
