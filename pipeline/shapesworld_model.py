@@ -22,6 +22,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.shapesworld import COLOURS, SHAPES, SIZE, draw_shape, random_sample
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 ORACLE_SHAPES = (*SHAPES, "none")
 VAE_CONFIG = dict(
@@ -310,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     log(f"done: {report}")
 
 
-def reuse_vae_and_oracle(earlier: Path):
+def reuse_vae_and_oracle(earlier: Path) -> tuple[AutoencoderKL, Oracle, dict]:
     """The VAE (its shipped fp16 weights, in fp32) and oracle of an earlier run, and that run's report."""
     from diffusers import AutoencoderKL
 
