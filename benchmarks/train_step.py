@@ -34,7 +34,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("baseline", "oneword")
+VARIANTS = ("baseline", "oneword", "compiled")  # compiled: oneword with compile_unet (--compile-unet)
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -160,10 +160,11 @@ def run_worker(args: argparse.Namespace) -> None:
     model = build_model(args.model, device, dtype, workdir)
     # five photos a little larger than the model's side, as a user's would be
     files = write_concept_images(workdir / "images", "star", "yellow", count=5, size=model.resolution * 5 // 4)
-    if args.worker == "oneword":
+    if args.worker in ("oneword", "compiled"):
         config = InversionConfig(
-            steps=10**6, batch_size=args.batch_size, learning_rate=5e-3, init_word="shape", precision=args.precision
-        )
+            steps=10**6, batch_size=args.batch_size, learning_rate=5e-3, init_word="shape", precision=args.precision,
+            compile_unet=args.worker == "compiled",
+        )  # fmt: skip
         step = Inversion(model, load_images(files, model.resolution), config, "concept").step
     else:
         step = baseline_step_fn(model, files, args.batch_size, 5e-3)
@@ -226,18 +227,22 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--compile-unet", action="store_true", help="also time oneword with compile_unet (compiles during warm-up)"
+    )
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         run_worker(args)
         return
+    variants = VARIANTS if args.compile_unet else VARIANTS[:2]
     workers = {}
-    for variant in VARIANTS:  # load one at a time: two loads at once would contend for the cores
+    for variant in variants:  # load one at a time: two loads at once would contend for the cores
         workers[variant] = _start_worker(variant)
         if _expect(workers[variant]) != "ready":
             raise RuntimeError(f"benchmark worker {variant} did not start")
-    results = {v: {"ms_per_step": []} for v in VARIANTS}
+    results = {v: {"ms_per_step": []} for v in variants}
     for _ in range(args.reps):
         for variant, worker in workers.items():
             worker.stdin.write("rep\n")
@@ -248,7 +253,8 @@ def main() -> None:
         worker.stdin.flush()
         results[variant].update(json.loads(_expect(worker)))
         worker.wait()
-    base, ours = (statistics.median(results[v]["ms_per_step"]) for v in VARIANTS)
+    medians = {v: statistics.median(results[v]["ms_per_step"]) for v in variants}
+    base, ours = medians["baseline"], medians["oneword"]
     summary = {
         "machine": describe_machine(args.device),
         "model": args.model,
@@ -265,12 +271,21 @@ def main() -> None:
         "baseline_reps_ms": [round(x, 2) for x in results["baseline"]["ms_per_step"]],
         "oneword_reps_ms": [round(x, 2) for x in results["oneword"]["ms_per_step"]],
     }
+    if "compiled" in medians:
+        summary.update(
+            compiled_ms=round(medians["compiled"], 2),
+            speedup_compiled=round(base / medians["compiled"], 2),
+            compiled_peak_mib=round(results["compiled"]["peak_mib"]),
+            compiled_reps_ms=[round(x, 2) for x in results["compiled"]["ms_per_step"]],
+        )
     print(f"{'variant':<10}{'median ms/step':>16}{'peak MiB':>10}   reps (ms/step)")
-    for variant in VARIANTS:
+    for variant in variants:
         reps = " ".join(f"{x:.1f}" for x in results[variant]["ms_per_step"])
         print(f"{variant:<10}{statistics.median(results[variant]['ms_per_step']):>16.2f}"
               f"{results[variant]['peak_mib']:>10.0f}   {reps}")  # fmt: skip
     print(f"speedup (baseline / oneword): {summary['speedup']:.2f}x   on {summary['machine']}")
+    if "compiled" in medians:
+        print(f"speedup (baseline / compiled): {summary['speedup_compiled']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -93,6 +93,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     add("--flip-prob", type=float, help="horizontal flip probability (default 0.5)")
     add("--seed", type=int, help="random seed (default 0)")
     add("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="weights' precision (auto)")
+    add(
+        "--compile-unet",
+        action="store_true",
+        default=None,
+        help="torch.compile the UNet: faster steps after a one-off compilation of about a minute",
+    )
     add("--checkpoint-interval", type=int, help="steps between checkpoints (default 500)")
     add("--log-interval", type=int, help="steps between loss-log records (default 10)")
     add(

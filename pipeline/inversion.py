@@ -38,6 +38,17 @@ RESUMABLE_CHANGES = {"steps", "checkpoint_interval", "log_interval", "validation
                      "validation_prompts", "validation_steps"}  # fmt: skip
 
 
+def compiled(unet: torch.nn.Module) -> torch.nn.Module:
+    """The UNet through inductor, with its convolution layout optimisation off.
+
+    With that optimisation on, torch 2.13's inductor returns zero input gradients through a
+    resnet followed by an upsampler (diffusers' ``UpBlock2D``), a silent error of about 40% in
+    the learned vector's gradient; with it off the gradient matches eager (cosine 0.9999996) at
+    nearly the same speed. ``benchmarks/compile_gradient_check.py`` checks both settings.
+    """
+    return torch.compile(unet, dynamic=False, options={"layout_optimization": False})
+
+
 @dataclass
 class Batch:
     """One micro-batch: clean latents, the noise and timesteps to apply, and the captions."""
@@ -56,6 +67,7 @@ class Inversion:
         self.device = model.device
         self.token = placeholder(name)
         self.encoder = PromptEncoder(model.tokenizer, model.text_encoder)
+        self.unet = compiled(model.unet) if config.compile_unet else model.unet
         self.templates = templates_for(config.templates)
         self.init_embedding = model.token_embedding(config.init_word).to(self.device)
         self.generator = torch.Generator().manual_seed(config.seed)  # every random draw, on CPU
@@ -152,7 +164,7 @@ class Inversion:
         scheduler, dtype = self.model.noise_scheduler, self.model.dtype
         hidden = self.encoder.encode(batch.prompts, self._vector_table(vectors))
         noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
-        prediction = self.model.unet(noisy.to(dtype), batch.timesteps, encoder_hidden_states=hidden.to(dtype)).sample
+        prediction = self.unet(noisy.to(dtype), batch.timesteps, encoder_hidden_states=hidden.to(dtype)).sample
         if self.model.prediction_type == "v_prediction":
             target = scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
         else:

@@ -41,6 +41,18 @@ def test_train_writes_the_concept_logs_and_samples(tiny_model_dir, star_dir, tmp
     assert torch.equal(load_concept_file(out / "star.a1111.pt").vectors, tensors["<star>"])
 
 
+def test_compile_unet_trains_the_same_run(tiny_model_dir, star_dir, tmp_path):
+    runs = {"eager": [], "compiled": ["--compile-unet"]}
+    for name, extra in runs.items():
+        assert _train(tiny_model_dir, star_dir, tmp_path / name, "--steps", "3", "--log-interval", "1",
+                      "--batch-size", "4", *extra) == 0  # fmt: skip
+    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "loss.jsonl").read_text().splitlines()]
+              for name in runs}  # fmt: skip
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4) and len(losses["eager"]) == 3
+    configs = {name: json.loads((tmp_path / name / "concept.json").read_text())["config"] for name in runs}
+    assert (configs["eager"]["compile_unet"], configs["compiled"]["compile_unet"]) == (False, True)
+
+
 def test_resume_extends_a_run_to_the_same_vectors(tiny_model_dir, star_dir, tmp_path):
     assert _train(tiny_model_dir, star_dir, tmp_path / "straight", "--steps", "8") == 0
     assert _train(tiny_model_dir, star_dir, tmp_path / "split", "--steps", "4", "--checkpoint-interval", "2") == 0
