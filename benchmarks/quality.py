@@ -34,12 +34,16 @@ from pipeline.model import load_base_model
 from pipeline.shapesworld import write_concept_images
 from pipeline.shapesworld_eval import bundled_oracle, score_prompt, score_subject
 
-# (name, shape, training colour, initialiser word, true word or None)
+# (name, shape, training colour, initialiser word, true word or None). The initialiser is the
+# coarse word a user would start from, as in the paper: "shape" for the named shapes (neutral, so
+# that the name is what is learned); for the unnamed ones the most specific single-token word their
+# captions use: "long" for the arrow (only arrows are long), "thing" for the hourglass (its
+# attributes "pinched" and "boxy" are two tokens each).
 CONCEPTS = [
     ("my-star", "star", "yellow", "shape", "star"),
     ("my-cross", "cross", "blue", "shape", "cross"),
     ("my-hourglass", "hourglass", "green", "thing", None),
-    ("my-arrow", "arrow", "red", "thing", None),
+    ("my-arrow", "arrow", "red", "long", None),
 ]
 
 
