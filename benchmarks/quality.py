@@ -1,7 +1,8 @@
 """Reconstruction and editability of learned concepts in ShapesWorld, per variant of the paper.
 
-For each concept (a named shape learned from the neutral word "shape", an unnamed shape learned
-from "thing"), each variant (1 vector, 2 vectors, progressive, regularisation, per-image tokens,
+For each concept (a named shape learned from the neutral word "shape", an unnamed shape from the
+most specific single-token word its captions use: "long" for the arrow, "thing" for the
+hourglass), each variant (1 vector, 2 vectors, progressive, regularisation, per-image tokens,
 higher learning rate, averaged iterates with and without regularisation) and each seed: learn
 the concept from 5 images with the bundled model, render "a photo of a S*" and colour edits
 ("a photo of a red S*"), and score them with the oracle; a colour learned as its own concept
