@@ -81,6 +81,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     )
     add("--per-image-tokens", action="store_true", default=None, help="also learn one token per image")
     add("--per-image-mix-prob", type=float, help="probability a caption uses the image token (0.25)")
+    add(
+        "--known-attribute",
+        dest="known_attributes",
+        action="append",
+        help="a word that describes every image but is not the concept, e.g. its colour 'blue': half the "
+        "captions name it, so the word leaves it to the prompt (repeatable)",
+    )
+    add("--known-attribute-share", type=float, help="share of captions naming the known attributes (0.5)")
     add("--templates", choices=["object", "style"], help="caption template set (default object)")
     add(
         "--template",

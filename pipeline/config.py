@@ -6,6 +6,7 @@ rejects a bad value with a message that names the field, before any work starts.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,8 @@ from pipeline.errors import InputError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 TemplateSet = Literal["object", "style"]
+# a known attribute is written into captions, so it is plain text: no '{}' slots, no '<name>' tokens
+ATTRIBUTE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9 '-]{0,39}")
 
 
 class ConfigError(InputError):
@@ -54,6 +57,15 @@ class InversionConfig(BaseModel):
     per_image_tokens: bool = Field(False, description="learn an extra token per training image as well")
     per_image_mix_prob: float = Field(
         0.25, ge=0.0, le=1.0, description="probability that a caption also names the image's own token"
+    )
+    known_attributes: list[str] = Field(
+        default_factory=list,
+        description="words that describe every training image but are not the concept (its colour, say), "
+        "e.g. ['blue']: a share of captions name them before the word ('a photo of a blue <x>'), so the word "
+        "need not carry them and prompts can change them",
+    )
+    known_attribute_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="share of captions that name the known attributes"
     )
     templates: TemplateSet | list[str] = Field(
         "object", description="'object', 'style', or a custom list of captions with one '{}'"
@@ -101,6 +113,18 @@ class InversionConfig(BaseModel):
                 if t.count("{}") != 1:
                     raise ValueError(f"template {t!r} must contain '{{}}' exactly once")
         return templates
+
+    @field_validator("known_attributes")
+    @classmethod
+    def _plain_words(cls, words: list[str]) -> list[str]:
+        if len(words) > 8:
+            raise ValueError(f"at most 8 known attributes, got {len(words)}")
+        for word in words:
+            if not ATTRIBUTE_PATTERN.fullmatch(word):
+                raise ValueError(
+                    f"known attribute {word!r} must be 1-40 letters, digits, spaces, hyphens or apostrophes"
+                )
+        return words
 
     @field_validator("init_word")
     @classmethod

@@ -132,6 +132,9 @@ class Inversion:
         flip = (torch.rand(size, generator=g) < self.config.flip_prob).long()
         template = torch.randint(len(self.templates), (size,), generator=g)
         with_image = torch.rand(size, generator=g) < self.config.per_image_mix_prob
+        # drawn only when there are attributes, so that runs without them keep their trajectories
+        attributes = " ".join(self.config.known_attributes)
+        named = torch.rand(size, generator=g) < self.config.known_attribute_share if attributes else None
         shape = (size, *self.latent_mean.shape[2:])
         latent_eps = torch.randn(shape, generator=g)
         noise = torch.randn(shape, generator=g)
@@ -140,6 +143,8 @@ class Inversion:
         prompts = []
         for i in range(size):
             caption = self.templates[template[i]]
+            if named is not None and named[i]:
+                caption = caption.replace("{}", f"{attributes} {{}}", 1)  # 'a photo of a blue {}'
             if self.image_vectors and with_image[i]:
                 prompts.append(with_image_token(caption).format(self.token, f"<{self.name}@image{int(index[i])}>"))
             else:

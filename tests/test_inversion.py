@@ -85,9 +85,9 @@ def test_vae_runs_only_at_setup(model, star_images):
         {"num_vectors": 3},
         {"progressive_steps": [3, 7], "regularization_weight": 0.1},
         {"per_image_tokens": True, "per_image_mix_prob": 0.5, "grad_accum": 2, "templates": "style"},
-        {"progressive_steps": [3, 7], "average_decay": 0.8},
+        {"progressive_steps": [3, 7], "average_decay": 0.8, "known_attributes": ["yellow"]},
     ],
-    ids=["plain", "multi-vector", "progressive+regularised", "per-image+accum+style", "progressive+averaged"],
+    ids=["plain", "multi-vector", "progressive+regularised", "per-image+accum+style", "progressive+averaged+known"],
 )
 def test_resume_is_bit_identical(model, star_images, variant):
     config = small_config(steps=10, **variant)
@@ -106,6 +106,25 @@ def test_resume_is_bit_identical(model, star_images, variant):
     assert resumed.learned_vectors().shape[0] == config.total_vectors
     for a, b in zip(resumed.image_vectors, straight.image_vectors, strict=True):
         assert torch.equal(a, b)
+
+
+def test_known_attributes_are_named_in_a_share_of_captions(model, star_images):
+    def prompts(**overrides) -> list[str]:
+        engine = Inversion(model, star_images, small_config(batch_size=8, **overrides), "star")
+        return [p for _ in range(25) for p in engine.sample_batch().prompts]
+
+    plain = prompts()
+    assert not any("yellow" in p for p in plain)
+    assert all(p.count("<star>") == 1 for p in plain)
+    half = prompts(known_attributes=["bright yellow"], known_attribute_share=0.5)
+    named = [p for p in half if "bright yellow <star>" in p]
+    assert 0.4 < len(named) / len(half) < 0.6
+    captions = {t.format("<star>") for t in Inversion(model, star_images, small_config(), "star").templates}
+    assert {p.replace("bright yellow <star>", "<star>") for p in named} <= captions  # 'a photo of a bright yellow {}'
+    always = prompts(known_attributes=["yellow"], known_attribute_share=1.0)
+    assert all("yellow <star>" in p for p in always)
+    # without attributes no extra random draw is made: the share alone changes nothing
+    assert prompts(known_attribute_share=0.9) == plain
 
 
 def test_progressive_extension_adds_vectors_on_schedule(model, star_images):
