@@ -3,9 +3,10 @@
 For each concept (a named shape learned from the neutral word "shape", an unnamed shape from the
 most specific single-token word its captions use: "long" for the arrow, "thing" for the
 hourglass), each variant (1 vector, 2 vectors, progressive, regularisation, per-image tokens,
-higher learning rate, averaged iterates with and without regularisation) and each seed: learn
-the concept from 5 images with the bundled model, render "a photo of a S*" and colour edits
-("a photo of a red S*"), and score them with the oracle; a colour learned as its own concept
+higher learning rate, averaged iterates with and without regularisation, and with the training
+colour named in half the captions) and each seed: learn the concept from 5 images with the
+bundled model, render "a photo of a S*" and colour edits ("a photo of a red S*") from the
+seed's own window of noise seeds, and score them with the oracle; a colour learned as its own concept
 is composed with each shape ("a photo of a <my-purple> S*"). The initialiser word is the lower
 bound, the true word (where the world has one) the upper. Prints a table, writes JSON, a
 markdown table and a PNG scatter like the paper's figure.
@@ -55,10 +56,23 @@ COLOUR_SHAPES = ("circle", "square", "triangle", "ring")  # none of the shapes i
 COLOUR_TEMPLATES = ["a photo of a {} shape", "a {} shape", "a photo of a {} thing", "a rendering of a {} shape"]
 
 
+def sampling_seed(seed: int, base: int = 1000) -> int:
+    """The first noise seed of a training seed's images (``samples`` consecutive seeds from it).
+
+    Each training seed gets its own window of 100, so seeds are independent draws. Until the sixth
+    round the windows were ``base + seed`` and overlapped (seeds 0-2 shared 6 of their 8 noise
+    seeds), so one noise seed that draws a malformed shape counted against every training seed.
+    """
+    return base + 100 * seed
+
+
 def compose(generator, oracle, subject: str, shape: str, vectors: dict, samples: int, seed: int) -> float:
     """Share of "a photo of a <subject>" images with ``shape`` in the colour concept's colour."""
     return score_prompt(generator, oracle, f"a photo of a {subject}", shape, COLOUR_CONCEPT[1], vectors,
-                        samples=samples, seed=2000 + seed)  # fmt: skip
+                        samples=samples, seed=sampling_seed(seed, 2000))  # fmt: skip
+
+
+KNOWN_COLOUR = "<training colour>"  # in a variant's known_attributes: the concept's own colour
 
 
 def variants(steps: int, base: dict) -> dict[str, dict]:
@@ -73,7 +87,22 @@ def variants(steps: int, base: dict) -> dict[str, dict]:
         "averaged + reg": {"average_decay": 0.95, "regularization_weight": 1e-3},
         # the recipe for the retrained base model (docs/quality.md, fourth round)
         "averaged + reg 2e-3": {"average_decay": 0.95, "regularization_weight": 2e-3},
+        # half the captions name the training colour, so the word leaves it to the prompt (sixth round)
+        "averaged + reg 1e-3 + known colour": {
+            "average_decay": 0.95,
+            "regularization_weight": 1e-3,
+            "known_attributes": [KNOWN_COLOUR],
+        },
     }
+
+
+def for_concept(overrides: dict, colour: str | None) -> dict:
+    """A variant's overrides for one concept: ``KNOWN_COLOUR`` becomes its training colour; the
+    colour concept (``colour`` None) has no attribute to name, its images' shapes already vary."""
+    if KNOWN_COLOUR not in overrides.get("known_attributes", []):
+        return overrides
+    rest = {k: v for k, v in overrides.items() if k != "known_attributes"}
+    return {**rest, "known_attributes": [colour]} if colour else rest
 
 
 def scatter(rows: list[dict], path: Path) -> None:
@@ -99,7 +128,9 @@ def scatter(rows: list[dict], path: Path) -> None:
         x, y = at(row["reconstruction"], row["editability"])
         colour = palette[i % len(palette)]
         pen.ellipse((x - 6, y - 6, x + 6, y + 6), fill=colour)
-        pen.text((x + 9, y - 7), row["variant"], fill=colour)
+        width = pen.textlength(row["variant"])
+        label_x = x + 9 if x + 9 + width < size - 4 else x - 9 - width  # keep labels inside the image
+        pen.text((label_x, y - 7), row["variant"], fill=colour)
     image.save(path)
 
 
@@ -109,7 +140,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--samples", type=int, default=8, help="images per prompt")
+    parser.add_argument("--samples", type=int, default=8, help="images per prompt (at most 100)")
     parser.add_argument("--concepts", default=",".join(c[0] for c in CONCEPTS))
     parser.add_argument("--variants", default="", help="comma-separated subset (default: all)")
     parser.add_argument("--set", action="append", default=[], help="base config override KEY=JSON (repeatable)")
@@ -118,6 +149,8 @@ def main() -> None:
                         help="skip learning the colour concept and scoring compositions")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (scores differ from CPU's only by sampling)")
     args = parser.parse_args()
+    if not 1 <= args.samples <= 100:
+        parser.error(f"--samples must be 1-100 (each training seed has 100 noise seeds), got {args.samples}")
     torch.set_num_threads(2)
 
     base = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr}
@@ -143,8 +176,8 @@ def main() -> None:
                      for i, s in enumerate(COLOUR_SHAPES)]  # fmt: skip
             colour_images = load_images(files, model.resolution)
             for label, overrides in chosen.items():
-                config = InversionConfig(**{**base, **overrides, "init_word": colour_init, "seed": seed,
-                                            "templates": COLOUR_TEMPLATES})  # fmt: skip
+                config = InversionConfig(**{**base, **for_concept(overrides, None), "init_word": colour_init,
+                                            "seed": seed, "templates": COLOUR_TEMPLATES})  # fmt: skip
                 engine = Inversion(model, colour_images, config, colour_name)
                 for _ in range(config.steps):
                     engine.step()
@@ -156,21 +189,22 @@ def main() -> None:
             words = [("init word", init_word)] + ([("true word", true_word)] if true_word else [])
             for label, word in words:
                 full = f"{colour} {word}" if label == "true word" else None  # the true word names the colour too
-                scores = score_subject(generator, oracle, word, shape, colour, samples=args.samples, seed=1000 + seed,
-                                       reconstruction_subject=full)  # fmt: skip
+                scores = score_subject(generator, oracle, word, shape, colour, samples=args.samples,
+                                       seed=sampling_seed(seed), reconstruction_subject=full)  # fmt: skip
                 # bounds of a composition: both words at their initialisers; the true colour and shape words
                 pair = f"{COLOUR_CONCEPT[1] if label == 'true word' else COLOUR_CONCEPT[2]} {word}"
                 composed = compose(generator, oracle, pair, shape, {}, args.samples, seed) if args.composition else None
                 records.append({"concept": name, "variant": label, "seed": seed, **scores.as_dict(),
                                 "composition": composed})  # fmt: skip
             for label, overrides in chosen.items():
-                config = InversionConfig(**{**base, **overrides, "init_word": init_word, "seed": seed})
+                config = InversionConfig(**{**base, **for_concept(overrides, colour), "init_word": init_word,
+                                            "seed": seed})  # fmt: skip
                 engine = Inversion(model, images, config, name)
                 for _ in range(config.steps):
                     engine.step()
                 vectors = engine.learned_vectors()
                 scores = score_subject(generator, oracle, f"<{name}>", shape, colour, {name: vectors},
-                                       samples=args.samples, seed=1000 + seed)  # fmt: skip
+                                       samples=args.samples, seed=sampling_seed(seed))  # fmt: skip
                 norm = vectors.norm(dim=-1).mean().item() / engine.init_embedding.norm().item()
                 composed = None
                 if args.composition:
