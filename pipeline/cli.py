@@ -85,10 +85,16 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         "--known-attribute",
         dest="known_attributes",
         action="append",
+        metavar="WORD",
         help="a word that describes every image but is not the concept, e.g. its colour 'blue': half the "
         "captions name it, so the word leaves it to the prompt (repeatable)",
     )
-    add("--known-attribute-share", type=float, help="share of captions naming the known attributes (0.5)")
+    add(
+        "--known-attribute-share",
+        type=float,
+        metavar="SHARE",
+        help="share of captions naming the known attributes (0.5)",
+    )
     add("--templates", choices=["object", "style"], help="caption template set (default object)")
     add(
         "--template",
