@@ -95,6 +95,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         metavar="SHARE",
         help="share of captions naming the known attributes (0.5)",
     )
+    add(
+        "--known-attribute-pull",
+        type=float,
+        metavar="WEIGHT",
+        help="extra pull toward the initialiser along the known attributes' embeddings, e.g. 4e-3 (default 0)",
+    )
     add("--templates", choices=["object", "style"], help="caption template set (default object)")
     add(
         "--template",

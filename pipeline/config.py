@@ -67,6 +67,13 @@ class InversionConfig(BaseModel):
     known_attribute_share: float = Field(
         0.5, ge=0.0, le=1.0, description="share of captions that name the known attributes"
     )
+    known_attribute_pull: float = Field(
+        0.0,
+        ge=0.0,
+        description="weight of an extra pull toward the initialiser along the known attributes' own embeddings: "
+        "mean ||P(v - v_init)||^2 / ||v_init||^2, P the projection on their span, so the word moves freely "
+        "except toward them; 0: off",
+    )
     templates: TemplateSet | list[str] = Field(
         "object", description="'object', 'style', or a custom list of captions with one '{}'"
     )
@@ -142,6 +149,12 @@ class InversionConfig(BaseModel):
             raise ValueError(
                 f"progressive step {self.progressive_steps[-1]} is not before the last step ({self.steps})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _pull_has_attributes(self) -> InversionConfig:
+        if self.known_attribute_pull and not self.known_attributes:
+            raise ValueError("known_attribute_pull needs known_attributes: the words whose directions it pulls along")
         return self
 
     @property

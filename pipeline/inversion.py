@@ -70,6 +70,7 @@ class Inversion:
         self.unet = compiled(model.unet) if config.compile_unet else model.unet
         self.templates = templates_for(config.templates)
         self.init_embedding = model.token_embedding(config.init_word).to(self.device)
+        self.attribute_basis = self._attribute_basis() if config.known_attribute_pull else None
         self.generator = torch.Generator().manual_seed(config.seed)  # every random draw, on CPU
         self.num_images = images.shape[0]
         self.latent_mean, self.latent_std = self._encode_latent_distributions(images)
@@ -99,6 +100,12 @@ class Inversion:
             means.append(torch.cat([p.mean for p in parts]).float())
             stds.append(torch.cat([p.std for p in parts]).float())
         return torch.stack(means), torch.stack(stds)
+
+    def _attribute_basis(self) -> torch.Tensor:
+        """Orthonormal rows spanning the known attributes' token embeddings, ``[k, dim]``."""
+        rows = torch.cat([self.model.text_embeddings(word) for word in self.config.known_attributes])
+        rows = rows.unique(dim=0)  # a token shared by two attributes ('light blue', 'dark blue') counts once
+        return torch.linalg.qr(rows.T).Q.T.to(self.device)
 
     def _new_vector(self) -> torch.nn.Parameter:
         return torch.nn.Parameter(self.init_embedding.clone())
@@ -132,8 +139,8 @@ class Inversion:
         flip = (torch.rand(size, generator=g) < self.config.flip_prob).long()
         template = torch.randint(len(self.templates), (size,), generator=g)
         with_image = torch.rand(size, generator=g) < self.config.per_image_mix_prob
-        # drawn only when there are attributes, so that runs without them keep their trajectories
-        attributes = " ".join(self.config.known_attributes)
+        # drawn only when captions name attributes, so that runs without them keep their trajectories
+        attributes = " ".join(self.config.known_attributes) if self.config.known_attribute_share else ""
         named = torch.rand(size, generator=g) < self.config.known_attribute_share if attributes else None
         shape = (size, *self.latent_mean.shape[2:])
         latent_eps = torch.randn(shape, generator=g)
@@ -182,16 +189,30 @@ class Inversion:
         distance = (torch.stack(self.vectors) - self.init_embedding).pow(2).sum(-1).mean()
         return distance / self.init_embedding.pow(2).sum()
 
+    def attribute_regularization(self) -> torch.Tensor:
+        """The same distance measured only along the known attributes' embeddings: how far the word
+        has moved toward (or away from) the words it should leave to the prompt."""
+        along = (torch.stack(self.vectors) - self.init_embedding) @ self.attribute_basis.T
+        return along.pow(2).sum(-1).mean() / self.init_embedding.pow(2).sum()
+
+    def penalty(self) -> torch.Tensor | float:
+        """The weighted pulls added to the diffusion loss (0 when both are off)."""
+        total: torch.Tensor | float = 0.0
+        if self.config.regularization_weight:
+            total = total + self.config.regularization_weight * self.regularization()
+        if self.config.known_attribute_pull:
+            total = total + self.config.known_attribute_pull * self.attribute_regularization()
+        return total
+
     def step(self) -> float:
         """One optimiser step over ``grad_accum`` micro-batches; returns the mean diffusion loss."""
         self._maybe_extend()
         self.optimizer.zero_grad(set_to_none=True)
-        accum, weight = self.config.grad_accum, self.config.regularization_weight
+        accum = self.config.grad_accum
         total = 0.0
         for _ in range(accum):
             loss = self.diffusion_loss(self.sample_batch())
-            objective = loss + weight * self.regularization() if weight else loss
-            (objective / accum).backward()
+            ((loss + self.penalty()) / accum).backward()
             total += loss.item() / accum
         self.optimizer.step()
         with torch.no_grad():

@@ -181,6 +181,11 @@ class BaseModel:
         weight = self.text_encoder.get_input_embeddings().weight
         return weight[ids[0]].detach().float().clone()
 
+    def text_embeddings(self, text: str) -> torch.Tensor:
+        """The input embeddings of every token of ``text``, ``[tokens, dim]`` (fp32 copy)."""
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        return self.text_encoder.get_input_embeddings().weight[ids].detach().float().clone()
+
 
 def text_encoder_identity(text_encoder: torch.nn.Module) -> str:
     """A fingerprint of the text encoder's input space: shape plus a hash of the embedding matrix.

@@ -33,6 +33,8 @@ def test_paper_batch_size_scaling():
         ({"known_attributes": ["<my-star>"]}, "known_attributes", "letters, digits"),
         ({"known_attributes": ["red"] * 9}, "known_attributes", "at most 8"),
         ({"known_attribute_share": 1.5}, "known_attribute_share", "less than or equal to 1"),
+        ({"known_attribute_pull": -1e-3}, "known_attribute_pull", "greater than or equal to 0"),
+        ({"known_attribute_pull": 4e-3}, "(top level)", "known_attribute_pull needs known_attributes"),
         ({"stepz": 10}, "stepz", "Extra inputs are not permitted"),
         ({"num_vectors": 74, "progressive_steps": [1, 2]}, "(top level)", "exceeds 75"),
         ({"steps": 100, "progressive_steps": [100]}, "(top level)", "not before the last step"),

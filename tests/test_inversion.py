@@ -87,8 +87,16 @@ def test_vae_runs_only_at_setup(model, star_images):
         {"progressive_steps": [3, 7], "regularization_weight": 0.1},
         {"per_image_tokens": True, "per_image_mix_prob": 0.5, "grad_accum": 2, "templates": "style"},
         {"progressive_steps": [3, 7], "average_decay": 0.8, "known_attributes": ["yellow"]},
+        {"regularization_weight": 0.1, "known_attributes": ["bright yellow"], "known_attribute_pull": 10.0},
     ],
-    ids=["plain", "multi-vector", "progressive+regularised", "per-image+accum+style", "progressive+averaged+known"],
+    ids=[
+        "plain",
+        "multi-vector",
+        "progressive+regularised",
+        "per-image+accum+style",
+        "progressive+averaged+known",
+        "attribute-pull",
+    ],
 )
 def test_resume_is_bit_identical(model, star_images, variant):
     config = small_config(steps=10, **variant)
@@ -124,8 +132,10 @@ def test_known_attributes_are_named_in_a_share_of_captions(model, star_images):
     assert {p.replace("bright yellow <star>", "<star>") for p in named} <= captions  # 'a photo of a bright yellow {}'
     always = prompts(known_attributes=["yellow"], known_attribute_share=1.0)
     assert all("yellow <star>" in p for p in always)
-    # without attributes no extra random draw is made: the share alone changes nothing
+    # without attributes named in captions no extra random draw is made: the share alone, or
+    # attributes named in no caption (only pulled against), change nothing
     assert prompts(known_attribute_share=0.9) == plain
+    assert prompts(known_attributes=["yellow"], known_attribute_share=0.0, known_attribute_pull=1.0) == plain
 
 
 def test_progressive_extension_adds_vectors_on_schedule(model, star_images):
@@ -162,6 +172,28 @@ def test_regularisation_keeps_vectors_near_the_initialiser(model, star_images):
         return (engine.learned_vectors() - model.token_embedding("shape")).norm().item()
 
     assert drift(100.0) < drift(0.0) * 0.8
+
+
+def test_attribute_pull_keeps_the_word_from_moving_toward_the_known_attributes(model, star_images):
+    def run(pull: float) -> tuple[Inversion, torch.Tensor]:
+        config = small_config(steps=30, learning_rate=5e-2, known_attributes=["bright yellow", "yellow"],
+                              known_attribute_share=0.0, known_attribute_pull=pull)  # fmt: skip
+        engine = Inversion(model, star_images, config, "s")
+        _run(engine, 30)
+        return engine, engine.learned_vectors()[0] - model.token_embedding("shape")
+
+    free, free_move = run(0.0)
+    pulled, pulled_move = run(0.01)
+    # the penalty is the squared projection of the move on the span of 'bright' and 'yellow'
+    basis = torch.linalg.qr(model.text_embeddings("bright yellow").T).Q  # [dim, 2]
+    assert basis.shape == (DIM, 2) and pulled.attribute_basis.shape == (2, DIM)  # "yellow" counted once
+    expected = (pulled_move @ basis).pow(2).sum() / model.token_embedding("shape").pow(2).sum()
+    assert pulled.attribute_regularization().item() == pytest.approx(expected.item(), rel=1e-4)
+    assert free.attribute_basis is None and free.penalty() == 0.0
+    along = [(move @ basis).norm().item() for move in (free_move, pulled_move)]
+    across = [(move - basis @ (basis.T @ move)).norm().item() for move in (free_move, pulled_move)]
+    assert along[1] < 0.1 * along[0], along  # held back toward the attributes (about 30x here)...
+    assert across[1] > 0.8 * across[0], across  # ...and free in the other directions
 
 
 def test_v_prediction_models_train_against_the_velocity(vpred_model_dir, star_images):
