@@ -253,14 +253,15 @@ def summarize(records: list[dict], variant_names: list[str], concept_names: list
             composed = [r["composition"] for r in picked if r.get("composition") is not None]
             row["composition"] = statistics.mean(composed) if composed else None
             rows.append(row)
-    print(f"\n{'variant':<18}{'concept':<14}{'recon':>7}{'edit':>7}{'shape kept':>12}{'composed':>10}")
+    width = max(len(row["variant"]) for row in rows) + 2
+    print(f"\n{'variant':<{width}}{'concept':<14}{'recon':>7}{'edit':>7}{'shape kept':>12}{'composed':>10}")
     lines = [
         "| variant | concept | reconstruction | editability | edited shape kept | composition |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         composed = f"{row['composition']:.2f}" if row["composition"] is not None else "—"
-        print(f"{row['variant']:<18}{row['concept']:<14}{row['reconstruction']:>7.2f}{row['editability']:>7.2f}"
+        print(f"{row['variant']:<{width}}{row['concept']:<14}{row['reconstruction']:>7.2f}{row['editability']:>7.2f}"
               f"{row['edited_shape']:>12.2f}{composed:>10}")  # fmt: skip
         lines.append(f"| {row['variant']} | {row['concept']} | {row['reconstruction']:.2f} | "
                      f"{row['editability']:.2f} | {row['edited_shape']:.2f} | {composed} |")  # fmt: skip
