@@ -175,11 +175,10 @@ class BaseModel:
 
     def token_embedding(self, word: str) -> torch.Tensor:
         """The input embedding of a word that must be a single token (fp32 copy)."""
-        ids = self.tokenizer(word, add_special_tokens=False).input_ids
-        if len(ids) != 1:
-            raise InputError(f"init_word {word!r} is {len(ids)} tokens for this tokenizer; choose a single-token word")
-        weight = self.text_encoder.get_input_embeddings().weight
-        return weight[ids[0]].detach().float().clone()
+        rows = self.text_embeddings(word)
+        if len(rows) != 1:
+            raise InputError(f"init_word {word!r} is {len(rows)} tokens for this tokenizer; choose a single-token word")
+        return rows[0]
 
     def text_embeddings(self, text: str) -> torch.Tensor:
         """The input embeddings of every token of ``text``, ``[tokens, dim]`` (fp32 copy)."""
