@@ -34,7 +34,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("baseline", "oneword", "compiled")  # compiled: oneword with compile_unet (--compile-unet)
+# compiled: oneword with compile_unet (--compile-unet); edit-consistency: oneword with that loss on
+# (--edit-consistency), timed against oneword's plain step
+VARIANTS = ("baseline", "oneword", "compiled", "edit-consistency")
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -160,10 +162,11 @@ def run_worker(args: argparse.Namespace) -> None:
     model = build_model(args.model, device, dtype, workdir)
     # five photos a little larger than the model's side, as a user's would be
     files = write_concept_images(workdir / "images", "star", "yellow", count=5, size=model.resolution * 5 // 4)
-    if args.worker in ("oneword", "compiled"):
+    if args.worker != "baseline":
+        consistency = {"edit_words": ["green", "purple", "white"], "edit_consistency": 0.2}
         config = InversionConfig(
             steps=10**6, batch_size=args.batch_size, learning_rate=5e-3, init_word="shape", precision=args.precision,
-            compile_unet=args.worker == "compiled",
+            compile_unet=args.worker == "compiled", **(consistency if args.worker == "edit-consistency" else {}),
         )  # fmt: skip
         step = Inversion(model, load_images(files, model.resolution), config, "concept").step
     else:
@@ -230,13 +233,16 @@ def main() -> None:
     parser.add_argument(
         "--compile-unet", action="store_true", help="also time oneword with compile_unet (compiles during warm-up)"
     )
+    parser.add_argument(
+        "--edit-consistency", action="store_true", help="also time oneword with edit_consistency on (3 edit words)"
+    )
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         run_worker(args)
         return
-    variants = VARIANTS if args.compile_unet else VARIANTS[:2]
+    variants = ["baseline", "oneword"] + ["compiled"] * args.compile_unet + ["edit-consistency"] * args.edit_consistency
     workers = {}
     for variant in variants:  # load one at a time: two loads at once would contend for the cores
         workers[variant] = _start_worker(variant)
@@ -278,14 +284,22 @@ def main() -> None:
             compiled_peak_mib=round(results["compiled"]["peak_mib"]),
             compiled_reps_ms=[round(x, 2) for x in results["compiled"]["ms_per_step"]],
         )
-    print(f"{'variant':<10}{'median ms/step':>16}{'peak MiB':>10}   reps (ms/step)")
+    if "edit-consistency" in medians:
+        summary.update(
+            edit_consistency_ms=round(medians["edit-consistency"], 2),
+            edit_consistency_cost=round(medians["edit-consistency"] / ours, 2),
+            edit_consistency_reps_ms=[round(x, 2) for x in results["edit-consistency"]["ms_per_step"]],
+        )
+    print(f"{'variant':<18}{'median ms/step':>16}{'peak MiB':>10}   reps (ms/step)")
     for variant in variants:
         reps = " ".join(f"{x:.1f}" for x in results[variant]["ms_per_step"])
-        print(f"{variant:<10}{statistics.median(results[variant]['ms_per_step']):>16.2f}"
+        print(f"{variant:<18}{statistics.median(results[variant]['ms_per_step']):>16.2f}"
               f"{results[variant]['peak_mib']:>10.0f}   {reps}")  # fmt: skip
     print(f"speedup (baseline / oneword): {summary['speedup']:.2f}x   on {summary['machine']}")
     if "compiled" in medians:
         print(f"speedup (baseline / compiled): {summary['speedup_compiled']:.2f}x")
+    if "edit-consistency" in medians:
+        print(f"edit consistency's cost (edit-consistency / oneword): {summary['edit_consistency_cost']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -101,6 +101,21 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         metavar="WEIGHT",
         help="extra pull toward the initialiser along the known attributes' embeddings, e.g. 4e-3 (default 0)",
     )
+    add(
+        "--edit-word",
+        dest="edit_words",
+        action="append",
+        metavar="WORD",
+        help="a word prompts should still be able to apply to the concept, e.g. a colour it is not: "
+        "used by --edit-consistency (repeatable)",
+    )
+    add(
+        "--edit-consistency",
+        type=float,
+        metavar="WEIGHT",
+        help="keep each edit word's effect on the UNet's prediction what it is for the initialiser word, "
+        "e.g. 0.2 (default 0; about 3x the compute per step)",
+    )
     add("--templates", choices=["object", "style"], help="caption template set (default object)")
     add(
         "--template",

@@ -5,6 +5,9 @@ concept's images well when prompted with it:
 
     loss = || target - unet(z_t, t, text_encoder(caption with v)) ||^2,  z_t = add_noise(z, eps, t)
 
+plus, when configured, pulls toward the initialiser (``penalty``) and the edit-consistency term
+(``edit_consistency``), both defined just above ``step``.
+
 Only the gradient's path is paid for: the VAE latent distribution of every image (and its
 mirror image) is computed once; model weights are frozen and get no gradients; the optimiser
 holds state for the new vectors only; vectors are placed into the text encoder's input per
@@ -19,7 +22,7 @@ state, with the optimiser's and the sampler's, makes ``state_dict()`` an exact r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -171,17 +174,43 @@ class Inversion:
             table[f"{self.name}@image{i}"] = vector[None]
         return table
 
+    def predict(self, batch: Batch, vectors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The UNet's prediction for the batch's noisy latents under its captions (with the learned
+        vectors, or with the given table of concept vectors)."""
+        hidden = self.encoder.encode(batch.prompts, self._vector_table() if vectors is None else vectors)
+        noisy = self.model.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+        dtype = self.model.dtype
+        return self.unet(noisy.to(dtype), batch.timesteps, encoder_hidden_states=hidden.to(dtype)).sample.float()
+
+    def target(self, batch: Batch) -> torch.Tensor:
+        """What the UNet should predict: the noise, or the velocity for v-prediction models."""
+        if self.model.prediction_type == "v_prediction":
+            return self.model.noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps).float()
+        return batch.noise.float()
+
     def diffusion_loss(self, batch: Batch, vectors: torch.Tensor | None = None) -> torch.Tensor:
         """The latent-diffusion objective on one batch (with the learned or the given vectors)."""
-        scheduler, dtype = self.model.noise_scheduler, self.model.dtype
-        hidden = self.encoder.encode(batch.prompts, self._vector_table(vectors))
-        noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
-        prediction = self.unet(noisy.to(dtype), batch.timesteps, encoder_hidden_states=hidden.to(dtype)).sample
-        if self.model.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
-        else:
-            target = batch.noise
-        return F.mse_loss(prediction.float(), target.float())
+        return F.mse_loss(self.predict(batch, None if vectors is None else self._vector_table(vectors)),
+                          self.target(batch))  # fmt: skip
+
+    def edit_consistency(self, batch: Batch, prediction: torch.Tensor) -> torch.Tensor:
+        """How differently an edit word acts on the new word than on its initialiser.
+
+        Each caption gets one of ``edit_words`` before the word ('a photo of a green <x>'). What
+        the word adds to the prediction there, ``unet(.., 'green <x>') - unet(.., '<x>')``, should
+        be what it adds with every vector at the initialiser, on the same noisy latents: so a word
+        that has taken the images' colour into itself still lets a prompt change it.
+        ``prediction`` is the batch's prediction with the learned vectors (the diffusion loss's).
+        """
+        words = self.config.edit_words
+        chosen = torch.randint(len(words), (len(batch.prompts),), generator=self.generator).tolist()
+        edited = replace(batch, prompts=[p.replace(self.token, f"{words[i]} {self.token}", 1)
+                                         for p, i in zip(batch.prompts, chosen, strict=True)])  # fmt: skip
+        change = self.predict(edited) - prediction
+        with torch.no_grad():
+            initial = {key: self.init_embedding.expand_as(v) for key, v in self._vector_table().items()}
+            reference = self.predict(edited, initial) - self.predict(batch, initial)
+        return F.mse_loss(change, reference)
 
     def regularization(self) -> torch.Tensor:
         """Mean squared L2 distance of the word's vectors from the initialiser embedding, relative
@@ -211,8 +240,13 @@ class Inversion:
         accum = self.config.grad_accum
         total = 0.0
         for _ in range(accum):
-            loss = self.diffusion_loss(self.sample_batch())
-            ((loss + self.penalty()) / accum).backward()
+            batch = self.sample_batch()
+            prediction = self.predict(batch)
+            loss = F.mse_loss(prediction, self.target(batch))
+            objective = loss + self.penalty()
+            if self.config.edit_consistency:
+                objective = objective + self.config.edit_consistency * self.edit_consistency(batch, prediction)
+            (objective / accum).backward()
             total += loss.item() / accum
         self.optimizer.step()
         with torch.no_grad():

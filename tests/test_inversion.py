@@ -1,6 +1,7 @@
 """The algorithm: it learns, it touches nothing frozen, and it resumes bit for bit."""
 
 import io
+from dataclasses import replace
 
 import pytest
 import torch
@@ -88,6 +89,7 @@ def test_vae_runs_only_at_setup(model, star_images):
         {"per_image_tokens": True, "per_image_mix_prob": 0.5, "grad_accum": 2, "templates": "style"},
         {"progressive_steps": [3, 7], "average_decay": 0.8, "known_attributes": ["yellow"]},
         {"regularization_weight": 0.1, "known_attributes": ["bright yellow"], "known_attribute_pull": 10.0},
+        {"per_image_tokens": True, "edit_words": ["green", "light blue"], "edit_consistency": 1.0},
     ],
     ids=[
         "plain",
@@ -96,6 +98,7 @@ def test_vae_runs_only_at_setup(model, star_images):
         "per-image+accum+style",
         "progressive+averaged+known",
         "attribute-pull",
+        "per-image+edit-consistency",
     ],
 )
 def test_resume_is_bit_identical(model, star_images, variant):
@@ -194,6 +197,50 @@ def test_attribute_pull_keeps_the_word_from_moving_toward_the_known_attributes(m
     across = [(move - basis @ (basis.T @ move)).norm().item() for move in (free_move, pulled_move)]
     assert along[1] < 0.1 * along[0], along  # held back toward the attributes (about 30x here)...
     assert across[1] > 0.8 * across[0], across  # ...and free in the other directions
+
+
+def test_edit_consistency_compares_the_edit_words_effect_with_the_initialisers(model, star_images):
+    config = small_config(steps=30, learning_rate=5e-2, edit_words=["green", "light blue"], edit_consistency=1.0)
+    engine = Inversion(model, star_images, config, "s")
+    batch = engine.sample_batch()
+    state = engine.generator.get_state()
+    # at the initialiser the word is the initialiser word: the edit acts identically
+    assert engine.edit_consistency(batch, engine.predict(batch)).item() == 0.0
+    engine.vectors[0].data += 0.5 * torch.randn(DIM, generator=torch.Generator().manual_seed(0))
+
+    # by hand: the same word choices, prompts spelled out, the initialiser as its own word
+    engine.generator.set_state(state)
+    value = engine.edit_consistency(batch, engine.predict(batch))
+    chosen = torch.randint(2, (len(batch.prompts),), generator=torch.Generator().manual_seed(0).set_state(state))
+    words = [["green", "light blue"][i] for i in chosen.tolist()]
+    edited = [p.replace("<s>", f"{w} <s>") for p, w in zip(batch.prompts, words, strict=True)]
+    assert all(e != p and "<s>" in e for e, p in zip(edited, batch.prompts, strict=True))
+    table = {"s": engine.vectors[0][None]}
+    initial = {"s": model.token_embedding("shape")[None]}
+
+    def change(table: dict) -> torch.Tensor:
+        return engine.predict(replace(batch, prompts=edited), table) - engine.predict(batch, table)
+
+    expected = (change(table) - change(initial)).pow(2).mean()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5) and value.item() > 0
+    value.backward()
+    assert engine.vectors[0].grad is not None and engine.vectors[0].grad.abs().sum() > 0
+
+
+def test_edit_consistency_keeps_the_edit_acting_as_on_the_initialiser(model, star_images):
+    def train(weight: float) -> tuple[float, float]:
+        config = small_config(steps=30, learning_rate=5e-2, edit_words=["green", "red"], edit_consistency=weight)
+        engine = Inversion(model, star_images, config, "s")
+        _run(engine, 30)
+        moved = (engine.learned_vectors()[0] - model.token_embedding("shape")).norm().item()
+        engine.generator.manual_seed(7)  # the same evaluation batch and word choices for both runs
+        batch = engine.sample_batch()
+        with torch.no_grad():
+            return engine.edit_consistency(batch, engine.predict(batch)).item(), moved
+
+    (free, free_moved), (kept, kept_moved) = train(0.0), train(1000.0)
+    assert kept < 0.5 * free, (kept, free)  # about 5x closer to the initialiser's edit here...
+    assert kept_moved > 0.2 * free_moved, (kept_moved, free_moved)  # ...while the word still moves (a third as far)
 
 
 def test_v_prediction_models_train_against_the_velocity(vpred_model_dir, star_images):
