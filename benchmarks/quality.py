@@ -106,6 +106,8 @@ def variants(steps: int, base: dict) -> dict[str, dict]:
             "known_attribute_share": 0.0,
             "known_attribute_pull": 4e-3,
         },
+        # the eighth round's pull without its edit consistency, to tell the two apart
+        "averaged + reg 1.5e-3": {"average_decay": 0.95, "regularization_weight": 1.5e-3},
         # an edit word should change the prediction for the word as for its initialiser (eighth round)
         "averaged + reg 1.5e-3 + edit consistency 0.2": {
             "average_decay": 0.95,
