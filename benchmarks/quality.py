@@ -79,6 +79,11 @@ KNOWN_COLOUR = "<training colour>"  # in a variant's known_attributes: the conce
 HELD_OUT_COLOURS = "<held-out colours>"
 
 
+# in edit consistency, the words whose response to a colour the word's should match: the named shapes
+# that no benchmark concept is
+REFERENCE_SHAPES = COLOUR_SHAPES
+
+
 def variants(steps: int, base: dict) -> dict[str, dict]:
     return {
         "1 vector": {},
@@ -114,6 +119,15 @@ def variants(steps: int, base: dict) -> dict[str, dict]:
             "regularization_weight": 1.5e-3,
             "edit_words": [HELD_OUT_COLOURS],
             "edit_consistency": 0.2,
+        },
+        # the edit's effect measured on shapes the prompt controls, not on the initialiser, whose colour
+        # words also change the shape it draws (ninth round)
+        "averaged + reg 1.5e-3 + edit consistency 0.6 (reference shapes)": {
+            "average_decay": 0.95,
+            "regularization_weight": 1.5e-3,
+            "edit_words": [HELD_OUT_COLOURS],
+            "edit_reference_words": list(REFERENCE_SHAPES),
+            "edit_consistency": 0.6,
         },
         # the same with "white" alone: of the held-out colours, the one that shifts the shapes the
         # initialiser draws least ("a photo of a green shape" draws triangles 14 times in 24)

@@ -110,10 +110,19 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         "used by --edit-consistency (repeatable)",
     )
     add(
+        "--edit-reference-word",
+        dest="edit_reference_words",
+        action="append",
+        metavar="WORD",
+        help="a word of the concept's kind (another shape, another animal) whose response to the edit words "
+        "--edit-consistency should match, instead of the initialiser word's (repeatable)",
+    )
+    add(
         "--edit-consistency",
         type=float,
         metavar="WEIGHT",
-        help="keep each edit word's effect on the UNet's prediction what it is for the initialiser word, "
+        help="keep each edit word's effect on the UNet's prediction what it is for the initialiser word "
+        "(or the --edit-reference-word words), "
         "e.g. 0.2 (default 0; about 3x the compute per step)",
     )
     add("--templates", choices=["object", "style"], help="caption template set (default object)")

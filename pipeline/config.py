@@ -79,12 +79,18 @@ class InversionConfig(BaseModel):
         description="words a prompt should still be able to apply to the word (other colours, say), e.g. "
         "['green', 'purple']: used by edit_consistency",
     )
+    edit_reference_words: list[str] = Field(
+        default_factory=list,
+        description="words of the concept's kind whose response to the edit words the word's should match, "
+        "e.g. ['circle', 'square']: one of them stands in the word's place for each caption; empty: the "
+        "initialiser word",
+    )
     edit_consistency: float = Field(
         0.0,
         ge=0.0,
         description="weight of the edit-consistency loss: an edit word placed before the word ('a green <x>') "
-        "should change the UNet's prediction as it does for the initialiser word, on the same noisy latents; "
-        "costs about 3x the compute per step; 0: off",
+        "should change the UNet's prediction as it does for the initialiser word (or edit_reference_words), on the "
+        "same noisy latents; costs about 3x the compute per step; 0: off",
     )
     templates: TemplateSet | list[str] = Field(
         "object", description="'object', 'style', or a custom list of captions with one '{}'"
@@ -133,10 +139,10 @@ class InversionConfig(BaseModel):
                     raise ValueError(f"template {t!r} must contain '{{}}' exactly once")
         return templates
 
-    @field_validator("known_attributes", "edit_words")
+    @field_validator("known_attributes", "edit_words", "edit_reference_words")
     @classmethod
     def _plain_words(cls, words: list[str], info: ValidationInfo) -> list[str]:
-        what = info.field_name.replace("_", " ").removesuffix("s")  # 'known attribute', 'edit word'
+        what = info.field_name.replace("_", " ").removesuffix("s")  # 'known attribute', 'edit word', ..
         if len(words) > 8:
             raise ValueError(f"at most 8 {what}s, got {len(words)}")
         for word in words:
@@ -172,6 +178,8 @@ class InversionConfig(BaseModel):
     def _consistency_has_words(self) -> InversionConfig:
         if self.edit_consistency and not self.edit_words:
             raise ValueError("edit_consistency needs edit_words: the words whose effect on the word it keeps")
+        if self.edit_reference_words and not self.edit_consistency:
+            raise ValueError("edit_reference_words needs edit_consistency: the loss that uses them")
         return self
 
     @property

@@ -208,9 +208,22 @@ class Inversion:
                                          for p, i in zip(batch.prompts, chosen, strict=True)])  # fmt: skip
         change = self.predict(edited) - prediction
         with torch.no_grad():
-            initial = {key: self.init_embedding.expand_as(v) for key, v in self._vector_table().items()}
-            reference = self.predict(edited, initial) - self.predict(batch, initial)
+            reference = self._edit_reference(batch, edited)
         return F.mse_loss(change, reference)
+
+    def _edit_reference(self, batch: Batch, edited: Batch) -> torch.Tensor:
+        """What the edit words do to a word they are known to act on: the initialiser (every vector at
+        it) or, when ``edit_reference_words`` are given, one of them written in the word's place."""
+        initial = {key: self.init_embedding.expand_as(v) for key, v in self._vector_table().items()}
+        words = self.config.edit_reference_words
+        if not words:
+            return self.predict(edited, initial) - self.predict(batch, initial)
+        drawn = torch.randint(len(words), (len(batch.prompts),), generator=self.generator).tolist()
+
+        def written(b: Batch) -> Batch:
+            return replace(b, prompts=[p.replace(self.token, words[j]) for p, j in zip(b.prompts, drawn, strict=True)])
+
+        return self.predict(written(edited), initial) - self.predict(written(batch), initial)
 
     def regularization(self) -> torch.Tensor:
         """Mean squared L2 distance of the word's vectors from the initialiser embedding, relative

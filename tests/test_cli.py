@@ -30,7 +30,8 @@ def test_train_writes_the_concept_logs_and_samples(tiny_model_dir, star_dir, tmp
              "--validation-prompt", "a photo of <star>", "--validation-interval", "3",
              "--known-attribute", "yellow", "--known-attribute-share", "0.3",
              "--known-attribute-pull", "0.5", "--edit-word", "green", "--edit-word", "light blue",
-             "--edit-consistency", "0.2"]  # fmt: skip
+             "--edit-consistency", "0.2", "--edit-reference-word", "circle",
+             "--edit-reference-word", "ring"]  # fmt: skip
     assert _train(tiny_model_dir, star_dir, out, *extra) == 0
     tensors = load_file(str(out / "learned_embeds.safetensors"))
     assert list(tensors) == ["<star>"] and tensors["<star>"].shape == (2, DIM)
@@ -41,7 +42,8 @@ def test_train_writes_the_concept_logs_and_samples(tiny_model_dir, star_dir, tmp
     assert (meta["steps"], meta["final_loss"], meta["init_word"]) == (6, records[-1]["loss"], "shape")
     known = [meta["config"][k] for k in ("known_attributes", "known_attribute_share", "known_attribute_pull")]
     assert known == [["yellow"], 0.3, 0.5]
-    assert (meta["config"]["edit_words"], meta["config"]["edit_consistency"]) == (["green", "light blue"], 0.2)
+    edit = [meta["config"][k] for k in ("edit_words", "edit_consistency", "edit_reference_words")]
+    assert edit == [["green", "light blue"], 0.2, ["circle", "ring"]]
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000003.png", "step-000006.png"]
     assert Image.open(out / "samples.png").size == (64, 64)  # one validation prompt -> 1x1 grid
     assert torch.equal(load_concept_file(out / "star.a1111.pt").vectors, tensors["<star>"])

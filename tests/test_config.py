@@ -39,6 +39,13 @@ def test_paper_batch_size_scaling():
         ({"edit_words": ["red"] * 9}, "edit_words", "at most 8 edit words"),
         ({"edit_words": ["red"], "edit_consistency": -0.1}, "edit_consistency", "greater than or equal to 0"),
         ({"edit_consistency": 0.2}, "(top level)", "edit_consistency needs edit_words"),
+        (
+            {"edit_words": ["red"], "edit_consistency": 0.2, "edit_reference_words": ["ring?"]},
+            "edit_reference_words",
+            "edit reference word 'ring?' must be 1-40 letters",
+        ),
+        ({"edit_reference_words": ["ring"] * 9}, "edit_reference_words", "at most 8 edit reference words"),
+        ({"edit_reference_words": ["ring"]}, "(top level)", "edit_reference_words needs edit_consistency"),
         ({"stepz": 10}, "stepz", "Extra inputs are not permitted"),
         ({"num_vectors": 74, "progressive_steps": [1, 2]}, "(top level)", "exceeds 75"),
         ({"steps": 100, "progressive_steps": [100]}, "(top level)", "not before the last step"),

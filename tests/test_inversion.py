@@ -90,6 +90,7 @@ def test_vae_runs_only_at_setup(model, star_images):
         {"progressive_steps": [3, 7], "average_decay": 0.8, "known_attributes": ["yellow"]},
         {"regularization_weight": 0.1, "known_attributes": ["bright yellow"], "known_attribute_pull": 10.0},
         {"per_image_tokens": True, "edit_words": ["green", "light blue"], "edit_consistency": 1.0},
+        {"edit_words": ["green"], "edit_reference_words": ["circle", "ring"], "edit_consistency": 1.0},
     ],
     ids=[
         "plain",
@@ -99,6 +100,7 @@ def test_vae_runs_only_at_setup(model, star_images):
         "progressive+averaged+known",
         "attribute-pull",
         "per-image+edit-consistency",
+        "edit-consistency+reference-words",
     ],
 )
 def test_resume_is_bit_identical(model, star_images, variant):
@@ -222,6 +224,35 @@ def test_edit_consistency_compares_the_edit_words_effect_with_the_initialisers(m
         return engine.predict(replace(batch, prompts=edited), table) - engine.predict(batch, table)
 
     expected = (change(table) - change(initial)).pow(2).mean()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5) and value.item() > 0
+    value.backward()
+    assert engine.vectors[0].grad is not None and engine.vectors[0].grad.abs().sum() > 0
+
+
+def test_edit_consistency_can_take_the_edits_effect_from_reference_words(model, star_images):
+    config = small_config(edit_words=["green", "light blue"], edit_reference_words=["circle", "ring"],
+                          edit_consistency=1.0)  # fmt: skip
+    engine = Inversion(model, star_images, config, "s")
+    batch = engine.sample_batch()
+    state = engine.generator.get_state()
+    value = engine.edit_consistency(batch, engine.predict(batch))
+
+    # by hand: the same draws (an edit word, then a reference word, per caption), the reference word
+    # written where the new word stands
+    draws = torch.Generator().set_state(state)
+    words = [["green", "light blue"][i] for i in torch.randint(2, (len(batch.prompts),), generator=draws).tolist()]
+    nouns = [["circle", "ring"][i] for i in torch.randint(2, (len(batch.prompts),), generator=draws).tolist()]
+    edited = [p.replace("<s>", f"{w} <s>") for p, w in zip(batch.prompts, words, strict=True)]
+
+    def change(prompts: list[str], edited: list[str]) -> torch.Tensor:
+        return engine.predict(replace(batch, prompts=edited)) - engine.predict(replace(batch, prompts=prompts))
+
+    def spelled(prompts: list[str]) -> list[str]:
+        return [p.replace("<s>", n) for p, n in zip(prompts, nouns, strict=True)]
+
+    assert all("<s>" not in p and n in p for p, n in zip(spelled(edited), nouns, strict=True))
+    expected = (change(batch.prompts, edited) - change(spelled(batch.prompts), spelled(edited))).pow(2).mean()
+    # at the initialiser too the term is not 0: the edit acts on 'circle' and 'ring', not on 'shape'
     assert value.item() == pytest.approx(expected.item(), rel=1e-5) and value.item() > 0
     value.backward()
     assert engine.vectors[0].grad is not None and engine.vectors[0].grad.abs().sum() > 0
