@@ -5,7 +5,8 @@ most specific single-token word its captions use: "long" for the arrow, "thing" 
 hourglass), each variant (1 vector, 2 vectors, progressive, regularisation, per-image tokens,
 higher learning rate, averaged iterates with and without regularisation, with the training
 colour named in half the captions, with a pull against the training colour's direction, and with
-edit consistency on the colours the edits do not ask for) and each seed: learn the concept from
+edit consistency on the colours the edits do not ask for, measured against the initialiser or
+against reference shapes: the recipe) and each seed: learn the concept from
 5 images with the bundled model, render "a photo of a S*" and colour edits ("a photo of a red
 S*") from the seed's own window of noise seeds, and score them with the oracle; a colour learned
 as its own concept is composed with each shape ("a photo of a <my-purple> S*"). The initialiser

@@ -3,7 +3,7 @@
 # Uses ShapesWorld, the small text-to-image model bundled with oneword: draws five images of a
 # yellow star, learns the new word <my-star> from them, then renders "a photo of a <my-star>"
 # and edited prompts ("a photo of a red <my-star>") and reads the results with ShapesWorld's
-# oracle. Every step is a plain `oneword` command. About 2 minutes on 2 CPU cores.
+# oracle. Every step is a plain `oneword` command. About 3 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -12,8 +12,14 @@ oneword=.venv/bin/oneword
 run() { echo "+ $*" >&2; "$@"; }
 
 run $oneword example-images "$OUT/images" --shape star --colour yellow --count 5
+# the ShapesWorld recipe (docs/quality.md): a light pull toward the initialiser, the moving average of
+# the iterates, and edit consistency: colours the images do not have ("green <my-star>") must act on
+# the new word as they act on other shapes, so the word leaves its colour to the prompt
 run $oneword train --images "$OUT/images" --name my-star --init-word shape --base-model shapesworld \
-    --out "$OUT/my-star" --steps 200 --batch-size 8 --lr 5e-3 --regularization 2e-3 --average-decay 0.95 --export a1111 --resume
+    --out "$OUT/my-star" --steps 200 --batch-size 8 --lr 5e-3 --regularization 1.5e-3 --average-decay 0.95 \
+    --edit-word green --edit-word purple --edit-word white --edit-consistency 0.6 \
+    --edit-reference-word circle --edit-reference-word square --edit-reference-word triangle \
+    --edit-reference-word ring --export a1111 --resume
 run $oneword shapesworld-score --concept "$OUT/my-star/learned_embeds.safetensors" --shape star --colour yellow \
     --compare shape --compare star --out "$OUT/my-star-grid.png"
 run $oneword generate --base-model shapesworld --concept "$OUT/my-star/learned_embeds.safetensors" \
