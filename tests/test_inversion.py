@@ -274,6 +274,21 @@ def test_edit_consistency_keeps_the_edit_acting_as_on_the_initialiser(model, sta
     assert kept_moved > 0.2 * free_moved, (kept_moved, free_moved)  # ...while the word still moves (a third as far)
 
 
+def test_edit_consistency_with_reference_words_keeps_the_edit_acting_as_on_them(model, star_images):
+    def train(weight: float) -> float:
+        config = small_config(steps=30, learning_rate=5e-2, edit_words=["green", "red"],
+                              edit_reference_words=["circle", "ring"], edit_consistency=weight)  # fmt: skip
+        engine = Inversion(model, star_images, config, "s")
+        _run(engine, 30)
+        engine.generator.manual_seed(7)  # the same evaluation batch, word and reference choices for both runs
+        batch = engine.sample_batch()
+        with torch.no_grad():
+            return engine.edit_consistency(batch, engine.predict(batch)).item()
+
+    free, kept = train(1e-9), train(1000.0)  # 1e-9: the term is on (and measurable) but has no say
+    assert kept < 0.5 * free, (kept, free)  # about 4x closer to the reference words' edit here
+
+
 def test_v_prediction_models_train_against_the_velocity(vpred_model_dir, star_images):
     model = load_base_model(vpred_model_dir, "cpu")
     assert model.prediction_type == "v_prediction"
