@@ -194,12 +194,13 @@ class Inversion:
                           self.target(batch))  # fmt: skip
 
     def edit_consistency(self, batch: Batch, prediction: torch.Tensor) -> torch.Tensor:
-        """How differently an edit word acts on the new word than on its initialiser.
+        """How differently an edit word acts on the new word than on a word it is known to act on.
 
         Each caption gets one of ``edit_words`` before the word ('a photo of a green <x>'). What
-        the word adds to the prediction there, ``unet(.., 'green <x>') - unet(.., '<x>')``, should
-        be what it adds with every vector at the initialiser, on the same noisy latents: so a word
-        that has taken the images' colour into itself still lets a prompt change it.
+        the edit adds to the prediction there, ``unet(.., 'green <x>') - unet(.., '<x>')``, should
+        be what it adds to the reference (``_edit_reference``: the initialiser, or one of
+        ``edit_reference_words``), on the same noisy latents: so a word that has taken the images'
+        colour into itself still lets a prompt change it.
         ``prediction`` is the batch's prediction with the learned vectors (the diffusion loss's).
         """
         words = self.config.edit_words
