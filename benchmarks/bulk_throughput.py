@@ -34,8 +34,8 @@ from tests.netns import reexec_isolated
 
 def run_once(workdir: Path, model_dir: Path, images: Path, concepts: int, steps: int, concurrent: int,
              cpu: float, gpu: float, tag: str) -> dict:  # fmt: skip
-    from pipeline.bulk_training import run_job
-    from pipeline.job_spec import JobSpec
+    from pipeline.jobs.ray_train import run_job
+    from pipeline.jobs.spec import JobSpec
 
     spec = JobSpec(
         job=f"bench-{tag}",
@@ -75,9 +75,9 @@ def main() -> None:
 
     import ray
 
-    from pipeline.bulk_training import WORKER_ENV
-    from pipeline.model import build_tiny_model
-    from pipeline.shapesworld import write_concept_images
+    from pipeline.engine.model import build_tiny_model
+    from pipeline.jobs.ray_train import WORKER_ENV
+    from pipeline.shapesworld.world import write_concept_images
 
     with tempfile.TemporaryDirectory(prefix="oneword-bulk-bench-") as tmp:
         workdir = Path(tmp)

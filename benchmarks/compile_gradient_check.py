@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from pipeline.config import InversionConfig
-from pipeline.data import load_images
-from pipeline.inversion import Inversion, compiled
-from pipeline.model import build_tiny_model, load_base_model
-from pipeline.shapesworld import write_concept_images
+from pipeline.engine.config import InversionConfig
+from pipeline.engine.data import load_images
+from pipeline.engine.inversion import Inversion, compiled
+from pipeline.engine.model import build_tiny_model, load_base_model
+from pipeline.shapesworld.world import write_concept_images
 
 
 def main() -> None:

@@ -30,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline.config import InversionConfig
-from pipeline.data import load_images
-from pipeline.generation import ImageGenerator
-from pipeline.inversion import Inversion
-from pipeline.model import load_base_model
-from pipeline.shapesworld import COLOURS, write_concept_images
-from pipeline.shapesworld_eval import bundled_oracle, edit_colours, score_prompt, score_subject
+from pipeline.engine.config import InversionConfig
+from pipeline.engine.data import load_images
+from pipeline.engine.generation import ImageGenerator
+from pipeline.engine.inversion import Inversion
+from pipeline.engine.model import load_base_model
+from pipeline.shapesworld.scoring import bundled_oracle, edit_colours, score_prompt, score_subject
+from pipeline.shapesworld.world import COLOURS, write_concept_images
 
 # (name, shape, training colour, initialiser word, true word or None). The initialiser is the
 # coarse word a user would start from, as in the paper: "shape" for the named shapes (neutral, so

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from pipeline.formats import LearnedConcept
-from pipeline.registry import ARTIFACT, Registry
-from pipeline.storage import LocalStorage, S3Settings, S3Storage, Storage
+from pipeline.engine.formats import LearnedConcept
+from pipeline.store.registry import ARTIFACT, Registry
+from pipeline.store.storage import LocalStorage, S3Settings, S3Storage, Storage
 from tests.ceph_rgw import CephRGW
 
 

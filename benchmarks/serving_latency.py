@@ -95,11 +95,11 @@ def main() -> None:
     import torch
     from ray import serve
 
-    from pipeline.formats import LearnedConcept
-    from pipeline.generation import ImageGenerator
-    from pipeline.model import build_tiny_model, load_base_model
-    from pipeline.registry import Registry
-    from pipeline.storage import S3Settings
+    from pipeline.engine.formats import LearnedConcept
+    from pipeline.engine.generation import ImageGenerator
+    from pipeline.engine.model import build_tiny_model, load_base_model
+    from pipeline.store.registry import Registry
+    from pipeline.store.storage import S3Settings
     from serving.app import build_app
     from serving.concept_cache import ConceptCache
     from tests.ceph_rgw import CephRGW, free_port

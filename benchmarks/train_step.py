@@ -61,7 +61,13 @@ def build_model(kind: str, device, dtype, workdir: Path):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from pipeline.model import SD_SCHEDULER_CONFIG, BaseModel, build_tiny_model, load_base_model, write_clip_tokenizer
+    from pipeline.engine.model import (
+        SD_SCHEDULER_CONFIG,
+        BaseModel,
+        build_tiny_model,
+        load_base_model,
+        write_clip_tokenizer,
+    )
 
     if kind == "tiny":
         return load_base_model(build_tiny_model(workdir / "tiny"), device, dtype)
@@ -94,7 +100,7 @@ def baseline_step_fn(model, image_files: list[Path], batch_size: int, lr: float)
     import torch.nn.functional as F
     from PIL import Image
 
-    from pipeline.data import OBJECT_TEMPLATES
+    from pipeline.engine.data import OBJECT_TEMPLATES
 
     tokenizer, text_encoder, vae, unet = model.tokenizer, model.text_encoder, model.vae, model.unet
     scheduler, device, size = model.noise_scheduler, model.device, model.resolution
@@ -149,11 +155,11 @@ def baseline_step_fn(model, image_files: list[Path], batch_size: int, lr: float)
 def run_worker(args: argparse.Namespace) -> None:
     import torch
 
-    from pipeline.config import InversionConfig
-    from pipeline.data import load_images
-    from pipeline.inversion import Inversion
-    from pipeline.model import resolve_dtype
-    from pipeline.shapesworld import write_concept_images
+    from pipeline.engine.config import InversionConfig
+    from pipeline.engine.data import load_images
+    from pipeline.engine.inversion import Inversion
+    from pipeline.engine.model import resolve_dtype
+    from pipeline.shapesworld.world import write_concept_images
 
     device = torch.device(args.device)
     dtype = resolve_dtype(args.precision, device)

@@ -12,14 +12,12 @@ oneword=.venv/bin/oneword
 run() { echo "+ $*" >&2; "$@"; }
 
 run $oneword example-images "$OUT/images" --shape star --colour yellow --count 5
-# the ShapesWorld recipe (docs/quality.md): a light pull toward the initialiser, the moving average of
-# the iterates, and edit consistency: colours the images do not have ("green <my-star>") must act on
-# the new word as they act on other shapes, so the word leaves its colour to the prompt
-run $oneword train --images "$OUT/images" --name my-star --init-word shape --base-model shapesworld \
-    --out "$OUT/my-star" --steps 200 --batch-size 8 --lr 5e-3 --regularization 1.5e-3 --average-decay 0.95 \
-    --edit-word green --edit-word purple --edit-word white --edit-consistency 0.6 \
-    --edit-reference-word circle --edit-reference-word square --edit-reference-word triangle \
-    --edit-reference-word ring --export a1111 --resume
+# the shipped `shapesworld` recipe (`oneword recipes shapesworld` shows it; docs/quality.md): a light
+# pull toward the initialiser, the moving average of the iterates, and edit consistency: colours the
+# images do not have ("green <my-star>") must act on the new word as they act on other shapes (the
+# members of its class, "shape"), so the word leaves its colour to the prompt
+run $oneword train --recipe shapesworld --class-word shape --images "$OUT/images" --name my-star \
+    --base-model shapesworld --out "$OUT/my-star" --export a1111 --resume
 run $oneword shapesworld-score --concept "$OUT/my-star/learned_embeds.safetensors" --shape star --colour yellow \
     --compare shape --compare star --out "$OUT/my-star-grid.png"
 run $oneword generate --base-model shapesworld --concept "$OUT/my-star/learned_embeds.safetensors" \

@@ -7,7 +7,7 @@
 Each replica loads the base model once. Requests are resolved (concept references pinned to
 versions through the replica's ``ConceptCache``) and then batched with ``@serve.batch``:
 requests with the same size, steps and guidance share one pipeline call even when they use
-different concepts, because vectors are placed per prompt (``pipeline.concepts``) and each
+different concepts, because vectors are placed per prompt (``pipeline.engine.concepts``) and each
 image has its own seeded generator. Errors are JSON ``{"code", "message"}`` with stable codes;
 clients never see a traceback.
 
@@ -161,14 +161,16 @@ class Generator:
     """One replica: the base model, the concept cache, the batcher and the HTTP routes."""
 
     def __init__(self, settings: dict[str, Any] | ServeSettings):
-        from pipeline.generation import ImageGenerator, check_compatible
-        from pipeline.model import default_device, load_base_model, resolve_dtype
-        from pipeline.registry import Registry, default_registry_location
+        from pipeline.engine.generation import ImageGenerator, check_compatible
+        from pipeline.engine.model import default_device, load_base_model, resolve_dtype
+        from pipeline.store.model_cache import local_model_source
+        from pipeline.store.registry import Registry, default_registry_location
         from serving.concept_cache import ConceptCache
 
         self.settings = settings if isinstance(settings, ServeSettings) else ServeSettings(**settings)
         device = self.settings.device or default_device()
-        self.model = load_base_model(self.settings.base_model, device, resolve_dtype(self.settings.precision, device))
+        dtype = resolve_dtype(self.settings.precision, device)
+        self.model = load_base_model(local_model_source(self.settings.base_model), device, dtype)
         self.generator = ImageGenerator(self.model)
         self.registry = Registry.open(self.settings.registry or default_registry_location())
         self.cache = ConceptCache(self.registry, self.settings.concept_ttl_s, self.settings.concept_cache_size,
@@ -191,9 +193,9 @@ class Generator:
 
     def _resolve(self, prompt: str, negative: str, cached_only: bool = False):
         """The prompt with its concepts pinned and loaded, or (``cached_only``) None on a cache miss."""
-        from pipeline.concepts import InvalidNameError
-        from pipeline.generation import IncompatibleConceptError
-        from pipeline.registry import ConceptNotFoundError
+        from pipeline.engine.concepts import InvalidNameError
+        from pipeline.engine.generation import IncompatibleConceptError
+        from pipeline.store.registry import ConceptNotFoundError
 
         if len(prompt) > self.settings.max_prompt_chars:
             raise ApiError(422, "prompt_too_long", f"prompt over {self.settings.max_prompt_chars} characters")
@@ -216,7 +218,7 @@ class Generator:
         except InvalidNameError as err:
             raise ApiError(422, "invalid_concept_name", str(err)) from None
         except Exception as err:
-            from pipeline.concepts import PromptTooLongError
+            from pipeline.engine.concepts import PromptTooLongError
 
             if isinstance(err, PromptTooLongError):
                 raise ApiError(422, "prompt_too_long", str(err)) from None
@@ -292,7 +294,7 @@ class Generator:
     @api.get("/v1/concepts")
     async def list_concepts(self, prefix: str = "", limit: int = 100, after: str | None = None):
         from pipeline.errors import InputError
-        from pipeline.registry import manifest_summary
+        from pipeline.store.registry import manifest_summary
 
         try:
             page = await asyncio.to_thread(self.registry.list, prefix, limit, after)
@@ -302,8 +304,8 @@ class Generator:
 
     @api.get("/v1/concepts/{name}")
     async def show_concept(self, name: str):
-        from pipeline.concepts import InvalidNameError
-        from pipeline.registry import ConceptNotFoundError, manifest_summary
+        from pipeline.engine.concepts import InvalidNameError
+        from pipeline.store.registry import ConceptNotFoundError, manifest_summary
 
         try:
             manifest = await asyncio.to_thread(self.registry.manifest, name)

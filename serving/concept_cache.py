@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.concepts import ConceptRef, parse_prompt
-from pipeline.formats import LearnedConcept
-from pipeline.registry import ConceptNotFoundError, Registry
+from pipeline.engine.concepts import ConceptRef, parse_prompt
+from pipeline.engine.formats import LearnedConcept
+from pipeline.store.registry import ConceptNotFoundError, Registry
 
 logger = logging.getLogger(__name__)
 

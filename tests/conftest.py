@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import InversionConfig
-from pipeline.data import load_images
-from pipeline.model import TINY_TEXT_CONFIG, BaseModel, build_tiny_model, load_base_model
-from pipeline.shapesworld import write_concept_images
+from pipeline.engine.config import InversionConfig
+from pipeline.engine.data import load_images
+from pipeline.engine.model import TINY_TEXT_CONFIG, BaseModel, build_tiny_model, load_base_model
+from pipeline.shapesworld.world import write_concept_images
 
 
 def pytest_configure(config) -> None:
@@ -95,7 +95,7 @@ def s3_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def s3_settings(s3_server):
-    from pipeline.storage import S3Settings
+    from pipeline.store.storage import S3Settings
 
     return S3Settings.from_env({**s3_server.env, "ONEWORD_S3_RETRIES": "2"})
 

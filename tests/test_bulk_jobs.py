@@ -15,14 +15,14 @@ import pytest
 import torch
 import yaml
 
-from pipeline.bulk_training import job_storage, progress_key, read_json
-from pipeline.config import ConfigError
-from pipeline.data import load_images
-from pipeline.inversion import Inversion
-from pipeline.job_spec import load_job_spec, parse_job_spec
-from pipeline.model import load_base_model
-from pipeline.registry import Registry
-from pipeline.storage import StorageUnavailableError
+from pipeline.engine.config import ConfigError
+from pipeline.engine.data import load_images
+from pipeline.engine.inversion import Inversion
+from pipeline.engine.model import load_base_model
+from pipeline.jobs.ray_train import job_storage, progress_key, read_json
+from pipeline.jobs.spec import load_job_spec, parse_job_spec
+from pipeline.store.registry import Registry
+from pipeline.store.storage import StorageUnavailableError
 
 DEFAULTS = {"batch_size": 2, "log_interval": 5, "learning_rate": 5e-3, "seed": 3}
 
@@ -302,8 +302,8 @@ def test_manifest_errors_name_file_line_and_field():
 
 def test_concept_images_from_an_s3_prefix(s3_server, s3_env, s3_settings, s3_bucket, star_dir, tmp_path):
     """A manifest's `images: s3://...` is downloaded for the worker and checked like a folder."""
-    from pipeline.bulk_training import _check_images, fetch_images
-    from pipeline.storage import S3Storage
+    from pipeline.jobs.ray_train import _check_images, fetch_images
+    from pipeline.store.storage import S3Storage
 
     storage = S3Storage(s3_bucket, "photos/star", s3_settings)
     for path in sorted(star_dir.iterdir()):
@@ -333,7 +333,7 @@ def test_ray_train_failures_from_an_unreachable_store_are_told_apart():
     moment an outage starts, so this checks the classifier on Ray's own error type."""
     from ray.train import ControllerError
 
-    from pipeline.bulk_training import _is_storage_outage
+    from pipeline.jobs.ray_train import _is_storage_outage
 
     outage = OSError("When completing multiple part upload for key 'c/snapshot.json' in bucket 'b': AWS Error "
                      "NETWORK_CONNECTION during CompleteMultipartUpload operation: curlCode: 7")  # fmt: skip

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline.cli import main
-from pipeline.formats import LearnedConcept, load_concept_file, save_concept
+from pipeline.engine.formats import LearnedConcept, load_concept_file, save_concept
 
 from .conftest import DIM
 

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from pipeline.formats import LearnedConcept
-from pipeline.registry import ConceptNotFoundError, Registry
+from pipeline.engine.formats import LearnedConcept
+from pipeline.store.registry import ConceptNotFoundError, Registry
 from serving.concept_cache import ConceptCache
 
 

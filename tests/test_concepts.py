@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from pipeline.concepts import (
+from pipeline.engine.concepts import (
     ConceptRef,
     InvalidNameError,
     PromptEncoder,

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, InversionConfig, load_config_file, make_config
+from pipeline.engine.config import ConfigError, InversionConfig, class_reference_words, make_config
+from pipeline.engine.recipes import load_recipe, recipe_names, resolve_config
 
 
 def test_defaults_follow_the_paper_and_diffusers():
@@ -61,7 +62,7 @@ def test_invalid_values_name_the_field(values, field, words):
 def test_config_file_and_overrides(tmp_path: Path):
     path = tmp_path / "train.yaml"
     path.write_text("steps: 123\nbatch_size: 4\nprogressive_steps: [50, 100]\n")
-    config = load_config_file(path, {"batch_size": 2})
+    config = resolve_config(config_file=path, flags={"batch_size": 2})
     assert (config.steps, config.batch_size, config.progressive_steps, config.total_vectors) == (123, 2, [50, 100], 3)
 
 
@@ -69,7 +70,86 @@ def test_config_file_errors_name_file_and_field(tmp_path: Path):
     path = tmp_path / "bad.yaml"
     path.write_text("steps: many\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: steps: Input should be a valid integer"):
-        load_config_file(path)
+        resolve_config(config_file=path)
     path.write_text("- a list\n")
     with pytest.raises(ConfigError, match="bad.yaml: expected a mapping"):
-        load_config_file(path)
+        resolve_config(config_file=path)
+
+
+def test_shipped_recipes_are_valid_configs_that_say_what_they_are_for():
+    assert {"shapesworld", "sd15-object", "sd15-style"} <= set(recipe_names())
+    for name in recipe_names():
+        config = make_config(load_recipe(name), source=name)
+        assert config.recipe == name
+    assert make_config(load_recipe("sd15-style")).templates == "style"
+    assert make_config(load_recipe("sd15-object")).effective_learning_rate == pytest.approx(2e-3)
+
+
+def test_recipe_then_file_then_flags(tmp_path: Path):
+    path = tmp_path / "train.yaml"
+    path.write_text("recipe: shapesworld\nsteps: 50\naverage_decay: 0.5\n")
+    config = resolve_config(config_file=path, flags={"average_decay": 0.9, "class_word": "shape"})
+    recipe = make_config(load_recipe("shapesworld"))
+    assert config.recipe == "shapesworld" and config.batch_size == recipe.batch_size == 8  # from the recipe
+    assert config.steps == 50 and config.average_decay == 0.9  # the file over the recipe, a flag over both
+    # a recipe named by a flag wins over the file's, and a path works as a name
+    own = tmp_path / "mine.yaml"
+    own.write_text("# my recipe\nsteps: 7\nlearning_rate: 1.0e-2\n")
+    config = resolve_config(config_file=path, flags={"recipe": str(own)})
+    assert (config.recipe, config.steps, config.learning_rate, config.batch_size) == (str(own), 50, 1e-2, 1)
+
+
+def test_bad_recipes_name_the_recipe_and_field(tmp_path: Path):
+    with pytest.raises(ConfigError, match="recipe 'nope': not a shipped recipe"):
+        resolve_config(recipe="nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: stepz: not a training config field"):
+        resolve_config(recipe=str(bad))
+
+
+def test_the_class_word_gives_the_init_word_and_edit_references():
+    config = make_config({"class_word": "dog", "edit_consistency": 0.5, "edit_words": ["red"]})
+    assert config.init_word == "dog"
+    assert config.edit_reference_words == class_reference_words()["dog"]
+    assert "dog" not in config.edit_reference_words and len(config.edit_reference_words) == 4
+    # explicit words win; an unlisted class falls back to the initialiser (the class word itself)
+    explicit = make_config({"class_word": "dog", "init_word": "puppy", "edit_consistency": 0.5,
+                            "edit_words": ["red"], "edit_reference_words": ["cow"]})  # fmt: skip
+    assert (explicit.init_word, explicit.edit_reference_words) == ("puppy", ["cow"])
+    unlisted = make_config({"class_word": "teapot", "edit_consistency": 0.5, "edit_words": ["red"]})
+    assert (unlisted.init_word, unlisted.edit_reference_words) == ("teapot", [])
+    # without edit consistency nothing is derived (reference words would be refused)
+    assert make_config({"class_word": "dog"}).edit_reference_words == []
+    with pytest.raises(ConfigError, match="class_word: .*single word"):
+        make_config({"class_word": "big dog"})
+    # every shipped class lists four members, none of them the class itself
+    for word, members in class_reference_words().items():
+        assert len(members) == 4 and word not in members and word == word.lower(), word
+
+
+def test_manifest_recipes_job_wide_and_per_concept():
+    from pipeline.jobs.spec import parse_job_spec
+
+    text = """\
+job: pets
+base_model: shapesworld
+registry: ./reg
+checkpoint_storage: ./ckpt
+recipe: shapesworld
+defaults: {steps: 40}
+concepts:
+  - {name: a, images: ./a, class_word: shape}
+  - {name: b, images: ./b, init_word: painting, recipe: sd15-style, overrides: {steps: 9}}
+  - {name: c, images: ./c, class_word: shape, overrides: {recipe: sd15-object}}
+"""
+    spec = parse_job_spec(text, "jobs.yaml")
+    a, b, c = (spec.config_for(concept) for concept in spec.concepts)
+    assert (a.recipe, a.steps, a.batch_size, a.init_word) == ("shapesworld", 40, 8, "shape")  # defaults over recipe
+    assert a.edit_reference_words == ["circle", "square", "triangle", "ring"]  # from the class word
+    assert (b.recipe, b.templates, b.steps, b.init_word) == ("sd15-style", "style", 9, "painting")
+    assert (c.recipe, c.grad_accum, c.steps) == ("sd15-object", 4, 40)
+    assert a.checkpoint_interval == InversionConfig().checkpoint_interval  # one default, the config's
+
+    with pytest.raises(ConfigError, match=r"jobs.yaml:9: concepts.1.recipe: recipe 'sd15-nope': not a shipped"):
+        parse_job_spec(text.replace("recipe: sd15-style", "recipe: sd15-nope"), "jobs.yaml")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import ImageDataError, list_image_files, load_images, templates_for, with_image_token
+from pipeline.engine.data import ImageDataError, list_image_files, load_images, templates_for, with_image_token
 
 
 def _save(path, size=(80, 64), colour=(255, 0, 0), mode="RGB", **kwargs):

@@ -134,7 +134,7 @@ def test_serve_config_and_job_entrypoint_are_the_projects_real_ones():
     module, command, path = job["spec"]["entrypoint"].split()[2:5]
     assert (module, command) == ("pipeline.cli", "run-job")
     [configmap] = [d for d in docs if d["kind"] == "ConfigMap"]
-    from pipeline.job_spec import parse_job_spec
+    from pipeline.jobs.spec import parse_job_spec
 
     spec = parse_job_spec(configmap["data"][Path(path).name], "configmap")
     assert spec.job == "pets-2026-11"

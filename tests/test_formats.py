@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
-from pipeline.formats import (
+from pipeline.engine.formats import (
     ConceptFileError,
     LearnedConcept,
     load_concept_file,
@@ -123,7 +123,7 @@ def test_bad_files_are_named(tmp_path):
 
 def test_a_failed_write_leaves_no_partial_file(concept, tmp_path, monkeypatch):
     """Unit test of an error path a real disk will not produce on demand (the write failing)."""
-    import pipeline.formats as formats
+    import pipeline.engine.formats as formats
 
     def broken_save(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"half")

@@ -6,10 +6,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pipeline.data import templates_for
+from pipeline.engine import losses
+from pipeline.engine.data import templates_for
+from pipeline.engine.inversion import Inversion
+from pipeline.engine.model import load_base_model
 from pipeline.errors import InputError
-from pipeline.inversion import Inversion
-from pipeline.model import load_base_model
 
 from .conftest import DIM, small_config
 
@@ -193,8 +194,8 @@ def test_attribute_pull_keeps_the_word_from_moving_toward_the_known_attributes(m
     basis = torch.linalg.qr(model.text_embeddings("bright yellow").T).Q  # [dim, 2]
     assert basis.shape == (DIM, 2) and pulled.attribute_basis.shape == (2, DIM)  # "yellow" counted once
     expected = (pulled_move @ basis).pow(2).sum() / model.token_embedding("shape").pow(2).sum()
-    assert pulled.attribute_regularization().item() == pytest.approx(expected.item(), rel=1e-4)
-    assert free.attribute_basis is None and free.penalty() == 0.0
+    assert losses.attribute_regularization(pulled).item() == pytest.approx(expected.item(), rel=1e-4)
+    assert free.attribute_basis is None and losses.extra_loss(free, free.sample_batch(), None) == 0.0
     along = [(move @ basis).norm().item() for move in (free_move, pulled_move)]
     across = [(move - basis @ (basis.T @ move)).norm().item() for move in (free_move, pulled_move)]
     assert along[1] < 0.1 * along[0], along  # held back toward the attributes (about 30x here)...
@@ -207,12 +208,12 @@ def test_edit_consistency_compares_the_edit_words_effect_with_the_initialisers(m
     batch = engine.sample_batch()
     state = engine.generator.get_state()
     # at the initialiser the word is the initialiser word: the edit acts identically
-    assert engine.edit_consistency(batch, engine.predict(batch)).item() == 0.0
+    assert losses.edit_consistency(engine, batch, engine.predict(batch)).item() == 0.0
     engine.vectors[0].data += 0.5 * torch.randn(DIM, generator=torch.Generator().manual_seed(0))
 
     # by hand: the same word choices, prompts spelled out, the initialiser as its own word
     engine.generator.set_state(state)
-    value = engine.edit_consistency(batch, engine.predict(batch))
+    value = losses.edit_consistency(engine, batch, engine.predict(batch))
     chosen = torch.randint(2, (len(batch.prompts),), generator=torch.Generator().manual_seed(0).set_state(state))
     words = [["green", "light blue"][i] for i in chosen.tolist()]
     edited = [p.replace("<s>", f"{w} <s>") for p, w in zip(batch.prompts, words, strict=True)]
@@ -235,7 +236,7 @@ def test_edit_consistency_can_take_the_edits_effect_from_reference_words(model, 
     engine = Inversion(model, star_images, config, "s")
     batch = engine.sample_batch()
     state = engine.generator.get_state()
-    value = engine.edit_consistency(batch, engine.predict(batch))
+    value = losses.edit_consistency(engine, batch, engine.predict(batch))
 
     # by hand: the same draws (an edit word, then a reference word, per caption), the reference word
     # written where the new word stands
@@ -267,7 +268,7 @@ def test_edit_consistency_keeps_the_edit_acting_as_on_the_initialiser(model, sta
         engine.generator.manual_seed(7)  # the same evaluation batch and word choices for both runs
         batch = engine.sample_batch()
         with torch.no_grad():
-            return engine.edit_consistency(batch, engine.predict(batch)).item(), moved
+            return losses.edit_consistency(engine, batch, engine.predict(batch)).item(), moved
 
     (free, free_moved), (kept, kept_moved) = train(0.0), train(1000.0)
     assert kept < 0.5 * free, (kept, free)  # about 5x closer to the initialiser's edit here...
@@ -283,7 +284,7 @@ def test_edit_consistency_with_reference_words_keeps_the_edit_acting_as_on_them(
         engine.generator.manual_seed(7)  # the same evaluation batch, word and reference choices for both runs
         batch = engine.sample_batch()
         with torch.no_grad():
-            return engine.edit_consistency(batch, engine.predict(batch)).item()
+            return losses.edit_consistency(engine, batch, engine.predict(batch)).item()
 
     free, kept = train(1e-9), train(1000.0)  # 1e-9: the term is on (and measurable) but has no say
     assert kept < 0.5 * free, (kept, free)  # about 4x closer to the reference words' edit here

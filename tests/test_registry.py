@@ -12,17 +12,17 @@ import pytest
 import torch
 from pydantic import SecretStr
 
-from pipeline.concepts import NAME_RULE, InvalidNameError
+from pipeline.engine.concepts import NAME_RULE, InvalidNameError
+from pipeline.engine.formats import LearnedConcept
 from pipeline.errors import StorageError
-from pipeline.formats import LearnedConcept
-from pipeline.registry import (
+from pipeline.store.registry import (
     ARTIFACT,
     ConceptNotFoundError,
     CorruptConceptError,
     Registry,
     new_version,
 )
-from pipeline.storage import (
+from pipeline.store.storage import (
     LocalStorage,
     ObjectNotFoundError,
     S3Settings,

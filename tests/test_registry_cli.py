@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.formats import LearnedConcept, load_concept_file
-from pipeline.model import load_base_model
-from pipeline.model_cache import fetch_model
-from pipeline.registry import Registry
-from pipeline.storage import S3Storage
+from pipeline.engine.formats import LearnedConcept, load_concept_file
+from pipeline.engine.model import load_base_model
+from pipeline.store.model_cache import fetch_model, local_model_source
+from pipeline.store.registry import Registry
+from pipeline.store.storage import S3Storage
 
 from .conftest import DIM
 
@@ -58,7 +58,7 @@ def test_train_publish_show_export_generate(tiny_model_dir, star_dir, tmp_path, 
 
 def test_import_rm_and_their_errors(tiny_model_dir, tmp_path, storage_location, capsys):
     source = tmp_path / "cat.pt"
-    from pipeline.formats import save_a1111
+    from pipeline.engine.formats import save_a1111
 
     save_a1111(LearnedConcept("cat", torch.arange(2 * DIM, dtype=torch.float32).view(2, DIM)), source)
     assert main(["registry", "import", str(source), "--name", "my-cat", "--registry", storage_location]) == 0
@@ -129,7 +129,7 @@ def test_base_model_from_s3_is_downloaded_once(tiny_model_dir, s3_env, s3_settin
     assert sorted(downloaded for _, downloaded in results) == [False, True]  # one download, one wait
 
     monkeypatch.setenv("ONEWORD_CACHE", str(tmp_path / "cache2"))
-    from_s3 = load_base_model(location, "cpu")
+    from_s3 = load_base_model(local_model_source(location), "cpu")
     local = load_base_model(tiny_model_dir, "cpu")
     assert from_s3.identity == local.identity
     assert fetch_model(location)[1] is False  # the second use reads the cache

@@ -19,10 +19,10 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.formats import LearnedConcept
-from pipeline.generation import ImageGenerator
-from pipeline.model import load_base_model
-from pipeline.registry import Registry
+from pipeline.engine.formats import LearnedConcept
+from pipeline.engine.generation import ImageGenerator
+from pipeline.engine.model import load_base_model
+from pipeline.store.registry import Registry
 
 from .conftest import DIM
 

@@ -7,14 +7,21 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from pipeline.config import InversionConfig
-from pipeline.data import load_images
-from pipeline.generation import ImageGenerator
-from pipeline.inversion import Inversion
-from pipeline.model import load_base_model
-from pipeline.shapesworld import ATTRIBUTES, SHAPES, UNNAMED_SHAPES, draw_shape, random_sample, write_concept_images
-from pipeline.shapesworld_eval import bundled_dir, bundled_oracle, score_subject
-from pipeline.shapesworld_model import make_dataset, malformed_image
+from pipeline.engine.data import load_images
+from pipeline.engine.generation import ImageGenerator
+from pipeline.engine.inversion import Inversion
+from pipeline.engine.model import load_base_model
+from pipeline.engine.recipes import resolve_config
+from pipeline.shapesworld.scoring import bundled_dir, bundled_oracle, score_subject
+from pipeline.shapesworld.trainer import make_dataset, malformed_image
+from pipeline.shapesworld.world import (
+    ATTRIBUTES,
+    SHAPES,
+    UNNAMED_SHAPES,
+    draw_shape,
+    random_sample,
+    write_concept_images,
+)
 
 
 def test_world_is_deterministic_and_never_names_the_unnamed():
@@ -51,7 +58,7 @@ def test_bundled_model_loads_in_plain_diffusers_and_follows_prompts():
                   generator=[torch.manual_seed(0), torch.manual_seed(1)], output_type="pil").images  # fmt: skip
     assert [img.size for img in images] == [(32, 32), (32, 32)]
     oracle = bundled_oracle()
-    from pipeline.shapesworld_model import to_tensor
+    from pipeline.shapesworld.oracle import to_tensor
 
     assert oracle.classify(to_tensor(images)) == [("circle", "red"), ("star", "blue")]
 
@@ -69,14 +76,12 @@ def test_oracle_reads_clean_images_and_rejects_blobs():
 def test_the_engine_learns_a_named_shape(shapesworld, tmp_path):
     """One concept, seeded: reconstruction >= 0.9, edits keep the shape >= 0.9, editability >= 2x init word's."""
     images = load_images(write_concept_images(tmp_path, "star", "yellow", count=5, seed=0), shapesworld.resolution)
-    # the recommended ShapesWorld recipe (docs/quality.md): edit consistency asks colours the images do
-    # not have to act on the word as on other shapes, so "a red <my-star>" comes out red; a light pull
-    # toward the initialiser; the saved vectors are the moving average of the iterates
-    config = InversionConfig(
-        steps=200, batch_size=8, learning_rate=5e-3, regularization_weight=1.5e-3, average_decay=0.95,
-        edit_words=["green", "purple", "white"], edit_reference_words=["circle", "square", "triangle", "ring"],
-        edit_consistency=0.6, init_word="shape", seed=0,
-    )  # fmt: skip
+    # the shipped `shapesworld` recipe (docs/quality.md): edit consistency asks colours the images do
+    # not have to act on the word as on other shapes (the class word's members), so "a red <my-star>"
+    # comes out red; a light pull toward the initialiser; the saved vectors are the moving average
+    config = resolve_config(recipe="shapesworld", flags={"class_word": "shape", "seed": 0})
+    assert (config.steps, config.init_word, config.edit_reference_words) == (
+        200, "shape", ["circle", "square", "triangle", "ring"])  # fmt: skip
     engine = Inversion(shapesworld, images, config, "my-star")
     for _ in range(config.steps):
         engine.step()

@@ -1,0 +1,198 @@
+"""Learned concepts and the file formats the ecosystem already reads.
+
+oneword's own file *is* a diffusers ``learned_embeds.safetensors`` (``{"<name>": tensor[n, dim]}``)
+whose safetensors header also carries oneword's metadata, so one file serves both. Exports:
+diffusers and AUTOMATIC1111 (``string_to_param``). Imports: diffusers (.safetensors / .bin),
+AUTOMATIC1111 (.pt / .safetensors), kohya (``emb_params``) and SDXL's ``clip_l``/``clip_g`` pair.
+Nothing is unpickled: legacy ``.pt``/``.bin`` files are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from pipeline.atomic_files import atomic_write
+from pipeline.engine.concepts import placeholder, validate_name
+from pipeline.errors import InputError
+
+DIFFUSERS_FILENAME = "learned_embeds.safetensors"
+METADATA_FILENAME = "concept.json"
+# A1111 stores a token id next to the vector; any id works, its loader only reads the vector.
+_A1111_TOKEN_ID = 265
+
+
+class ConceptFileError(InputError):
+    """A concept file that cannot be read or written; the message names the file."""
+
+
+@dataclass
+class LearnedConcept:
+    """A pseudo-word's vectors and what is known about how they were made."""
+
+    name: str
+    vectors: torch.Tensor  # [n, dim], float32
+    base_model: str | None = None  # text-encoder identity, see pipeline.model.text_encoder_identity
+    steps: int | None = None
+    final_loss: float | None = None
+    config: dict[str, Any] | None = None
+    source: str = "oneword"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        vectors = self.vectors
+        if vectors.ndim == 1:
+            vectors = vectors[None]
+        if vectors.ndim != 2 or not vectors.is_floating_point() or vectors.shape[0] < 1:
+            raise ConceptFileError(f"vectors must be a float tensor [n, dim], got {tuple(vectors.shape)}")
+        self.vectors = vectors.detach().to("cpu", torch.float32).contiguous()
+
+    @property
+    def placeholder(self) -> str:
+        return placeholder(self.name)
+
+    @property
+    def num_vectors(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "placeholder": self.placeholder,
+            "num_vectors": self.num_vectors,
+            "dim": self.dim,
+            "base_model": self.base_model,
+            "steps": self.steps,
+            "final_loss": self.final_loss,
+            "config": self.config,
+            "source": self.source,
+            **self.extra,
+        }
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+
+def save_diffusers(concept: LearnedConcept, path: Path) -> Path:
+    """diffusers' ``learned_embeds.safetensors``, with oneword's metadata in the header."""
+    header = {"format": "pt", "oneword": json.dumps(concept.metadata())}
+    atomic_write(path, lambda tmp: save_file({concept.placeholder: concept.vectors}, str(tmp), metadata=header))
+    return path
+
+
+def save_a1111(concept: LearnedConcept, path: Path) -> Path:
+    """AUTOMATIC1111's embedding ``.pt`` (``string_to_param``; the file name is the prompt word)."""
+    data = {
+        "string_to_token": {"*": _A1111_TOKEN_ID},
+        "string_to_param": {"*": concept.vectors.clone()},
+        "name": concept.name,
+        "step": concept.steps or 0,
+        "sd_checkpoint": None,
+        "sd_checkpoint_name": None,
+    }
+    atomic_write(path, lambda tmp: torch.save(data, tmp))
+    return path
+
+
+def save_concept(concept: LearnedConcept, out_dir: Path) -> Path:
+    """oneword's output folder: the diffusers file (with metadata) and a readable concept.json."""
+    out_dir = Path(out_dir)
+    path = save_diffusers(concept, out_dir / DIFFUSERS_FILENAME)
+    text = json.dumps(concept.metadata(), indent=2) + "\n"
+    atomic_write(out_dir / METADATA_FILENAME, lambda tmp: tmp.write_text(text))
+    return path
+
+
+EXPORT_FORMATS = {"diffusers": save_diffusers, "a1111": save_a1111}
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ConceptFileError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def _read_legacy(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # the unpickler raises many types; every one means "refused"
+        raise ConceptFileError(
+            f"{path}: cannot read as a tensor-only file (weights_only=True refuses pickled code and objects): {err}"
+        ) from None
+
+
+def _token_name(token: str) -> str:
+    return token.strip().removeprefix("<").removesuffix(">")
+
+
+def load_concept_file(path: Path, name: str | None = None, dim: int | None = None) -> LearnedConcept:
+    """Reads any supported embedding file. ``name`` overrides the file's; ``dim`` picks SDXL's half."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConceptFileError(f"{path}: no such file")
+    metadata: dict[str, str] = {}
+    if path.suffix == ".safetensors":
+        data, metadata = _read_safetensors(path)
+    else:
+        data = _read_legacy(path)
+    if not isinstance(data, dict) or not data:
+        raise ConceptFileError(f"{path}: expected a mapping of embedding tensors, found {type(data).__name__}")
+
+    file_name: str | None = None
+    if "string_to_param" in data or any(k.startswith("string_to_param.") for k in data):
+        params = data.get("string_to_param") or {k.split(".", 1)[1]: v for k, v in data.items() if "." in k}
+        vectors, source = next(iter(params.values())), "a1111"
+        file_name = data.get("name") if isinstance(data.get("name"), str) else path.stem
+    elif "emb_params" in data:
+        vectors, source, file_name = data["emb_params"], "kohya", path.stem
+    elif "clip_l" in data and "clip_g" in data:
+        matching = [k for k in ("clip_l", "clip_g") if dim is None or data[k].shape[-1] == dim]
+        if len(matching) != 1:
+            shapes = f"clip_l {tuple(data['clip_l'].shape)}, clip_g {tuple(data['clip_g'].shape)}"
+            raise ConceptFileError(f"{path}: SDXL pair ({shapes}); none matches this model's dimension {dim}")
+        vectors, source, file_name = data[matching[0]], f"sdxl-{matching[0]}", path.stem
+    elif len(data) == 1:
+        token, vectors = next(iter(data.items()))
+        source, file_name = "diffusers", _token_name(token)
+    else:
+        raise ConceptFileError(f"{path}: unrecognised embedding layout with keys {sorted(data)[:8]}")
+    if not isinstance(vectors, torch.Tensor):
+        raise ConceptFileError(f"{path}: embedding is a {type(vectors).__name__}, not a tensor")
+
+    info: dict[str, Any] = json.loads(metadata["oneword"]) if "oneword" in metadata else {}
+    chosen = name or info.get("name") or file_name
+    try:
+        validate_name(chosen)
+    except InputError as err:
+        raise ConceptFileError(f"{path}: {err}; pass a valid name explicitly") from None
+    if dim is not None and vectors.shape[-1] != dim:
+        raise ConceptFileError(f"{path}: vectors have dimension {vectors.shape[-1]}, this model needs {dim}")
+    try:
+        return LearnedConcept(
+            name=chosen,
+            vectors=vectors,
+            base_model=info.get("base_model"),
+            steps=info.get("steps"),
+            final_loss=info.get("final_loss"),
+            config=info.get("config"),
+            source=info.get("source", source),
+        )
+    except ConceptFileError as err:
+        raise ConceptFileError(f"{path}: {err}") from None

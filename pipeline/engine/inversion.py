@@ -1,0 +1,300 @@
+"""Textual inversion: the algorithm, and nothing else (no Ray, no storage, no HTTP).
+
+Learn vectors ``v`` for a new pseudo-word so that the frozen latent diffusion model denoises the
+concept's images well when prompted with it:
+
+    loss = || target - unet(z_t, t, text_encoder(caption with v)) ||^2,  z_t = add_noise(z, eps, t)
+
+plus, when configured, the extra terms of ``pipeline.engine.losses`` (pulls toward the initialiser,
+edit consistency).
+
+Only the gradient's path is paid for: the VAE latent distribution of every image (and its
+mirror image) is computed once; model weights are frozen and get no gradients; the optimiser
+holds state for the new vectors only; vectors are placed into the text encoder's input per
+batch (no tokenizer or embedding-matrix surgery). All randomness comes from one generator whose
+state, with the optimiser's and the sampler's, makes ``state_dict()`` an exact resume point.
+
+    engine = Inversion(model, images, config, name="my-dog")
+    for _ in range(config.steps):
+        loss = engine.step()
+    vectors = engine.learned_vectors()     # [n, dim]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.engine.concepts import PromptEncoder, placeholder
+from pipeline.engine.config import InversionConfig
+from pipeline.engine.data import templates_for, with_image_token
+from pipeline.engine.losses import attribute_basis, extra_loss
+from pipeline.engine.model import BaseModel
+from pipeline.errors import InputError
+
+STATE_FORMAT = 1
+# Config fields that may change between an interruption and its resume without changing the
+# trajectory (the run may be extended, or checkpoint/log more often).
+RESUMABLE_CHANGES = {"steps", "checkpoint_interval", "log_interval", "validation_interval",
+                     "validation_prompts", "validation_steps"}  # fmt: skip
+
+
+def compiled(unet: torch.nn.Module) -> torch.nn.Module:
+    """The UNet through inductor, with its convolution layout optimisation off.
+
+    With that optimisation on, torch 2.13's inductor returns zero input gradients through a
+    resnet followed by an upsampler (diffusers' ``UpBlock2D``), a silent error of about 40% in
+    the learned vector's gradient; with it off the gradient matches eager (cosine 0.9999996) at
+    nearly the same speed. ``benchmarks/compile_gradient_check.py`` checks both settings.
+    """
+    return torch.compile(unet, dynamic=False, options={"layout_optimization": False})
+
+
+@dataclass
+class Batch:
+    """One micro-batch: clean latents, the noise and timesteps to apply, and the captions."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    prompts: list[str]
+
+
+class Inversion:
+    """One concept's inversion run. ``step()`` is one optimiser step; see the module docstring."""
+
+    def __init__(self, model: BaseModel, images: torch.Tensor, config: InversionConfig, name: str):
+        self.model, self.config, self.name = model, config, name
+        self.device = model.device
+        self.token = placeholder(name)
+        self.encoder = PromptEncoder(model.tokenizer, model.text_encoder)
+        self.unet = compiled(model.unet) if config.compile_unet else model.unet
+        self.templates = templates_for(config.templates)
+        self.init_embedding = model.token_embedding(config.init_word).to(self.device)
+        self.attribute_basis = (attribute_basis(model, config.known_attributes)
+                                if config.known_attribute_pull else None)  # fmt: skip
+        self.generator = torch.Generator().manual_seed(config.seed)  # every random draw, on CPU
+        self.num_images = images.shape[0]
+        self.latent_mean, self.latent_std = self._encode_latent_distributions(images)
+
+        self.vectors = [self._new_vector() for _ in range(config.num_vectors)]
+        # the moving average of the vectors (``average_decay``): what is saved when it is on
+        self.averages = [v.detach().clone() for v in self.vectors] if config.average_decay else []
+        self.image_vectors = [self._new_vector() for _ in range(self.num_images)] if config.per_image_tokens else []
+        self.optimizer = torch.optim.AdamW(
+            self.vectors + self.image_vectors, lr=config.effective_learning_rate, weight_decay=config.weight_decay
+        )
+        self.step_count = 0
+        self.last_loss = float("nan")
+        self._order = torch.empty(0, dtype=torch.long)  # current epoch's image order
+        self._cursor = 0
+
+    # --- setup ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _encode_latent_distributions(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of the VAE posterior of each image and of its mirror: ``[2, n, c, h, w]``."""
+        vae = self.model.vae
+        means, stds = [], []
+        for flipped in (False, True):
+            pixels = images.flip(-1) if flipped else images
+            parts = [vae.encode(chunk.to(self.device, self.model.dtype)).latent_dist for chunk in pixels.split(8)]
+            means.append(torch.cat([p.mean for p in parts]).float())
+            stds.append(torch.cat([p.std for p in parts]).float())
+        return torch.stack(means), torch.stack(stds)
+
+    def _new_vector(self) -> torch.nn.Parameter:
+        return torch.nn.Parameter(self.init_embedding.clone())
+
+    def _maybe_extend(self) -> None:
+        """Progressive extension: append one vector (from the initialiser) at each scheduled step."""
+        if self.step_count in self.config.progressive_steps:
+            vector = self._new_vector()
+            self.vectors.append(vector)
+            self.optimizer.add_param_group({"params": [vector]})
+            if self.config.average_decay:
+                self.averages.append(vector.detach().clone())
+
+    # --- the step ---------------------------------------------------------------------------------
+
+    def _next_indices(self, count: int) -> torch.Tensor:
+        """Image indices in epochs: each image once per shuffled pass (the sampler's state)."""
+        chosen = []
+        for _ in range(count):
+            if self._cursor >= len(self._order):
+                self._order = torch.randperm(self.num_images, generator=self.generator)
+                self._cursor = 0
+            chosen.append(self._order[self._cursor])
+            self._cursor += 1
+        return torch.stack(chosen)
+
+    def sample_batch(self) -> Batch:
+        """Draws one micro-batch: images, flips, captions, latent samples, noise and timesteps."""
+        size, g = self.config.batch_size, self.generator
+        index = self._next_indices(size)
+        flip = (torch.rand(size, generator=g) < self.config.flip_prob).long()
+        template = torch.randint(len(self.templates), (size,), generator=g)
+        with_image = torch.rand(size, generator=g) < self.config.per_image_mix_prob
+        # drawn only when captions name attributes, so that runs without them keep their trajectories
+        attributes = " ".join(self.config.known_attributes) if self.config.known_attribute_share else ""
+        named = torch.rand(size, generator=g) < self.config.known_attribute_share if attributes else None
+        shape = (size, *self.latent_mean.shape[2:])
+        latent_eps = torch.randn(shape, generator=g)
+        noise = torch.randn(shape, generator=g)
+        timesteps = torch.randint(self.model.noise_scheduler.config.num_train_timesteps, (size,), generator=g)
+
+        prompts = []
+        for i in range(size):
+            caption = self.templates[template[i]]
+            if named is not None and named[i]:
+                caption = caption.replace("{}", f"{attributes} {{}}", 1)  # 'a photo of a blue {}'
+            if self.image_vectors and with_image[i]:
+                prompts.append(with_image_token(caption).format(self.token, f"<{self.name}@image{int(index[i])}>"))
+            else:
+                prompts.append(caption.format(self.token))
+        mean, std = self.latent_mean[flip, index], self.latent_std[flip, index]
+        latents = self._scale_latents(mean + std * latent_eps.to(self.device))
+        return Batch(latents, noise.to(self.device), timesteps.to(self.device), prompts)
+
+    def _scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        vae_config = self.model.vae.config
+        shift = getattr(vae_config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae_config.scaling_factor
+
+    def vector_table(self, vectors: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        table = {self.name: torch.stack(self.vectors) if vectors is None else vectors}
+        for i, vector in enumerate(self.image_vectors):
+            table[f"{self.name}@image{i}"] = vector[None]
+        return table
+
+    def predict(self, batch: Batch, vectors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The UNet's prediction for the batch's noisy latents under its captions (with the learned
+        vectors, or with the given table of concept vectors)."""
+        hidden = self.encoder.encode(batch.prompts, self.vector_table() if vectors is None else vectors)
+        noisy = self.model.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+        dtype = self.model.dtype
+        return self.unet(noisy.to(dtype), batch.timesteps, encoder_hidden_states=hidden.to(dtype)).sample.float()
+
+    def target(self, batch: Batch) -> torch.Tensor:
+        """What the UNet should predict: the noise, or the velocity for v-prediction models."""
+        if self.model.prediction_type == "v_prediction":
+            return self.model.noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps).float()
+        return batch.noise.float()
+
+    def diffusion_loss(self, batch: Batch, vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """The latent-diffusion objective on one batch (with the learned or the given vectors)."""
+        return F.mse_loss(self.predict(batch, None if vectors is None else self.vector_table(vectors)),
+                          self.target(batch))  # fmt: skip
+
+    def step(self) -> float:
+        """One optimiser step over ``grad_accum`` micro-batches; returns the mean diffusion loss."""
+        self._maybe_extend()
+        self.optimizer.zero_grad(set_to_none=True)
+        accum = self.config.grad_accum
+        total = 0.0
+        for _ in range(accum):
+            batch = self.sample_batch()
+            prediction = self.predict(batch)
+            loss = F.mse_loss(prediction, self.target(batch))
+            objective = loss + extra_loss(self, batch, prediction)
+            (objective / accum).backward()
+            total += loss.item() / accum
+        self.optimizer.step()
+        with torch.no_grad():
+            for average, vector in zip(self.averages, self.vectors, strict=False):
+                average.lerp_(vector, 1.0 - self.config.average_decay)
+        self.step_count += 1
+        self.last_loss = total
+        return total
+
+    # --- results and evaluation -------------------------------------------------------------------
+
+    def learned_vectors(self) -> torch.Tensor:
+        """The pseudo-word's vectors, ``[n, dim]`` float32 on CPU (per-image tokens excluded): their
+        moving average when ``average_decay`` is on, else the last iterate."""
+        return torch.stack(self.averages or self.vectors).detach().float().cpu()
+
+    def evaluation_batch(self, seed: int, repeats: int = 4, template: str = "a photo of a {}") -> Batch:
+        """Fixed (noise, timestep) pairs over every image: the same batch for any vectors."""
+        g = torch.Generator().manual_seed(seed)
+        count = self.num_images * repeats
+        index = torch.arange(self.num_images).repeat(repeats)
+        shape = (count, *self.latent_mean.shape[2:])
+        latents = self._scale_latents(
+            self.latent_mean[0, index] + self.latent_std[0, index] * torch.randn(shape, generator=g).to(self.device)
+        )
+        noise = torch.randn(shape, generator=g).to(self.device)
+        timesteps = torch.randint(self.model.noise_scheduler.config.num_train_timesteps, (count,), generator=g)
+        return Batch(latents, noise, timesteps.to(self.device), [template.format(self.token)] * count)
+
+    @torch.no_grad()
+    def evaluate(self, batch: Batch, vectors: torch.Tensor | None = None) -> float:
+        """Diffusion loss on a fixed batch, in chunks so that any batch size fits."""
+        losses = []
+        for start in range(0, len(batch.prompts), 16):
+            part = slice(start, start + 16)
+            chunk = Batch(batch.latents[part], batch.noise[part], batch.timesteps[part], batch.prompts[part])
+            used = None if vectors is None else vectors.to(self.device)
+            losses.append(self.diffusion_loss(chunk, used).item() * len(chunk.prompts))
+        return sum(losses) / len(batch.prompts)
+
+    # --- exact resume -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-identically (tensors and plain values only)."""
+        return {
+            "format": STATE_FORMAT,
+            "name": self.name,
+            "identity": self.model.identity,
+            "config": self.config.model_dump(mode="json"),
+            "step": self.step_count,
+            "last_loss": self.last_loss,
+            "vectors": [v.detach().cpu().clone() for v in self.vectors],
+            "averages": [v.detach().cpu().clone() for v in self.averages],
+            "image_vectors": [v.detach().cpu().clone() for v in self.image_vectors],
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self.generator.get_state(),
+            "order": self._order.clone(),
+            "cursor": self._cursor,
+        }
+
+    @staticmethod
+    def learned_vectors_of(state: dict[str, Any]) -> torch.Tensor:
+        """``learned_vectors()`` of a saved ``state_dict()``, without a model."""
+        return torch.stack(state.get("averages") or state["vectors"]).float()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores a ``state_dict()``; refuses one from another concept, model or trajectory."""
+        if state.get("format") != STATE_FORMAT:
+            raise InputError(f"unsupported checkpoint format {state.get('format')!r} (expected {STATE_FORMAT})")
+        if state["name"] != self.name:
+            raise InputError(f"checkpoint is for concept {state['name']!r}, not {self.name!r}")
+        if state["identity"] != self.model.identity:
+            raise InputError(f"checkpoint was made on base model {state['identity']}, not {self.model.identity}")
+        ours = self.config.model_dump(mode="json")
+        changed = sorted(k for k, v in state["config"].items() if k not in RESUMABLE_CHANGES and ours.get(k) != v)
+        if changed:
+            raise InputError(f"checkpoint's config differs in {', '.join(changed)}; resume with the same settings")
+
+        def params(tensors: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+            return [torch.nn.Parameter(t.to(self.device, torch.float32).clone()) for t in tensors]
+
+        self.vectors, self.image_vectors = params(state["vectors"]), params(state["image_vectors"])
+        averages = state.get("averages") or ([v.detach() for v in self.vectors] if self.config.average_decay else [])
+        self.averages = [t.to(self.device, torch.float32).clone() for t in averages]
+        initial = self.config.num_vectors
+        self.optimizer = torch.optim.AdamW(
+            self.vectors[:initial] + self.image_vectors,
+            lr=self.config.effective_learning_rate,
+            weight_decay=self.config.weight_decay,
+        )
+        for vector in self.vectors[initial:]:
+            self.optimizer.add_param_group({"params": [vector]})
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step"])
+        self.last_loss = float(state["last_loss"])
+        self.generator.set_state(state["rng"])
+        self._order, self._cursor = state["order"].clone(), int(state["cursor"])

@@ -1,0 +1,167 @@
+"""The training loop, and a training run on this machine around it.
+
+``run_steps`` is the one loop: ``oneword train`` (``train_concept``, below) and the Ray Train
+worker of a bulk job (``pipeline.jobs.ray_train``) both drive the engine with it, and differ
+only in what they do when a log record, a checkpoint or a validation grid is due.
+
+``train_concept`` is what ``oneword train`` runs. The output folder holds, when done:
+
+    learned_embeds.safetensors   the concept (diffusers format, oneword metadata in the header)
+    concept.json                 the same metadata, readable
+    loss.jsonl                   one record per log interval: step, loss, lr, vectors, seconds
+    checkpoint.pt                the engine's full state at the last checkpoint (for --resume)
+    validation/step-NNNNNN.png   validation grids, when validation prompts are configured
+    samples.png                  a grid of the validation prompts with the final vectors
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.engine.config import InversionConfig
+from pipeline.engine.formats import LearnedConcept, save_concept
+from pipeline.engine.generation import ImageGenerator, image_grid
+from pipeline.engine.inversion import Inversion
+from pipeline.engine.model import BaseModel
+from pipeline.errors import InputError
+
+CHECKPOINT_FILENAME = "checkpoint.pt"
+LOSS_LOG_FILENAME = "loss.jsonl"
+
+
+class RunExistsError(InputError):
+    """The output folder already holds a run and resuming was not asked for."""
+
+
+@dataclass(frozen=True)
+class Due:
+    """What falls due after a step: intervals from the config, and the last step for log and checkpoint."""
+
+    log: bool
+    checkpoint: bool
+    validation: bool
+
+
+def run_steps(engine: Inversion, after_step: Callable[[Inversion, Due], None]) -> None:
+    """Steps the engine from where it stands to ``config.steps``, telling ``after_step`` each time
+    which of the log record, the checkpoint and the validation grid are due."""
+    config = engine.config
+    while engine.step_count < config.steps:
+        engine.step()
+        step = engine.step_count
+        last = step == config.steps
+        after_step(engine, Due(log=step % config.log_interval == 0 or last,
+                               checkpoint=step % config.checkpoint_interval == 0 or last,
+                               validation=step % config.validation_interval == 0))  # fmt: skip
+
+
+def default_validation_prompts(name: str) -> list[str]:
+    token = f"<{name}>"
+    return [
+        f"a photo of {token}",
+        f"a photo of a {token}",
+        f"a close-up photo of the {token}",
+        f"a rendering of {token}",
+    ]
+
+
+def save_checkpoint(engine: Inversion, path: Path) -> None:
+    """Writes the engine state atomically (a crash mid-write leaves the previous checkpoint)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(engine.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Reads a checkpoint without unpickling code (tensors and plain values only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _truncate_log(path: Path, after_step: int) -> None:
+    """Drops records past the resumed step, so a resumed run's log has no duplicates."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def render_grid(generator: ImageGenerator, prompts: list[str], vectors: torch.Tensor, name: str,
+                steps: int, seed: int = 0) -> Image.Image:  # fmt: skip
+    images = generator.generate(prompts, {name: vectors}, seeds=[seed + i for i in range(len(prompts))], steps=steps)
+    return image_grid(images)
+
+
+def train_concept(
+    model: BaseModel,
+    images: torch.Tensor,
+    config: InversionConfig,
+    name: str,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[Inversion], None] | None = None,
+) -> LearnedConcept:
+    """Trains ``name`` on ``images`` and writes the output folder described in the module docstring."""
+    out_dir = Path(out_dir)
+    checkpoint_path = out_dir / CHECKPOINT_FILENAME
+    log_path = out_dir / LOSS_LOG_FILENAME
+    if checkpoint_path.exists() and not resume:
+        raise RunExistsError(f"{out_dir} already holds a run (checkpoint.pt); pass --resume or choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    engine = Inversion(model, images, config, name)
+    if resume and checkpoint_path.exists():
+        engine.load_state_dict(load_checkpoint(checkpoint_path))
+        _truncate_log(log_path, engine.step_count)
+    prompts = config.validation_prompts or default_validation_prompts(name)
+    generator = ImageGenerator(model) if config.validation_prompts else None
+
+    started = time.monotonic()
+    bar = tqdm(total=config.steps, initial=engine.step_count, desc=name, unit="step", disable=not progress)
+    with log_path.open("a") as log:
+
+        def after_step(engine: Inversion, due: Due) -> None:
+            step, loss = engine.step_count, engine.last_loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", vectors=len(engine.vectors))
+            if due.log:
+                record = {"step": step, "loss": loss, "lr": engine.optimizer.param_groups[0]["lr"],
+                          "vectors": len(engine.vectors), "seconds": round(time.monotonic() - started, 3)}  # fmt: skip
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if due.checkpoint:
+                save_checkpoint(engine, checkpoint_path)
+            if generator and due.validation:
+                grid = render_grid(generator, prompts, engine.learned_vectors(), name, config.validation_steps)
+                (out_dir / "validation").mkdir(exist_ok=True)
+                grid.save(out_dir / "validation" / f"step-{step:06d}.png")
+            if on_step:
+                on_step(engine)
+
+        run_steps(engine, after_step)
+    bar.close()
+
+    concept = LearnedConcept(
+        name=name,
+        vectors=engine.learned_vectors(),
+        base_model=model.identity,
+        steps=engine.step_count,
+        final_loss=engine.last_loss,
+        config=config.model_dump(mode="json"),
+        source="oneword-train",
+        extra={"base_model_source": model.source, "init_word": config.init_word},
+    )
+    save_concept(concept, out_dir)
+    grid = render_grid(generator or ImageGenerator(model), prompts, concept.vectors, name, config.validation_steps)
+    grid.save(out_dir / "samples.png")
+    return concept

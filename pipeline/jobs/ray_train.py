@@ -1,0 +1,419 @@
+"""Bulk concept jobs on Ray Train: one ``TorchTrainer`` run per concept, many at once.
+
+    run_job(spec)                            the driver: up to max_concurrent concepts at a time
+      └─ train_one (a Ray task per concept)  skip if this job already published it; check the
+           │                                 images (a bad concept fails at once, without retries);
+           │                                 fit(); publish the final vectors with the job's id
+           └─ TorchTrainer(train_loop)       num_workers=1, the concept's GPU fraction / CPUs;
+                                             RunConfig(name="<job>--<concept>", checkpoint
+                                             storage, FailureConfig, CheckpointConfig)
+
+``train_loop`` drives the inversion engine, reports metrics at every log interval and the
+engine's full state as a checkpoint at every checkpoint interval, and starts from
+``ray.train.get_checkpoint()`` after a restart, so a killed worker costs at most one interval
+and the result is bit-identical (on CPU) to an uninterrupted run. Because run names are
+deterministic, submitting the same manifest again resumes unfinished concepts from their
+checkpoints and skips the ones already published for this job.
+
+Progress for ``oneword status`` lives next to the checkpoints: ``<job>/status.json`` (the
+driver's view, per concept) and ``<job>/progress/<concept>.json`` (the worker's step and loss).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.engine.data import IMAGE_SUFFIXES, load_images
+from pipeline.errors import OnewordError
+from pipeline.jobs.spec import JobSpec
+from pipeline.store.storage import (
+    Result,
+    S3Settings,
+    Storage,
+    StorageUnavailableError,
+    open_storage,
+    parse_s3_location,
+    wait_out_outage,
+)
+
+STATE_FILE = "state.pt"
+# Environment every Ray process of a job gets: one thread per worker (many share a node) and
+# pyarrow's S3 uploads in the form Ceph RGW and MinIO accept.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED"}
+
+
+# --- where things live ----------------------------------------------------------------------------
+
+
+def train_storage(location: str, patience: float):
+    """``RunConfig`` storage for a location: (storage_path, pyarrow filesystem or None).
+
+    Ray Train's controller treats a failed write of its own state as fatal, so the filesystem's
+    retries must outlast an outage of ``patience`` seconds. pyarrow's "default" AWS strategy
+    doubles a 25 ms delay per attempt, without the "standard" strategy's retry quota (which a
+    burst of failures during an outage uses up, leaving no retries at all).
+    """
+    if not location.startswith("s3://"):
+        return str(Path(location).expanduser().absolute()), None
+    import pyarrow.fs
+
+    bucket, prefix = parse_s3_location(location)
+    settings = S3Settings.from_env()
+    access_key, secret_key = settings.credentials()
+    filesystem = pyarrow.fs.S3FileSystem(
+        endpoint_override=settings.endpoint,
+        scheme="https" if settings.secure else "http",
+        access_key=access_key,
+        secret_key=secret_key,
+        region=settings.region,
+        retry_strategy=pyarrow.fs.AwsDefaultS3RetryStrategy(max_attempts=retry_attempts_for(patience)),
+    )
+    return f"{bucket}/{prefix}".rstrip("/"), filesystem
+
+
+def retry_attempts_for(patience: float) -> int:
+    """Attempts whose doubling delays (25 ms, 50 ms, ...) add up to at least ``patience`` seconds."""
+    return max(3, math.ceil(math.log2(patience / 0.025 + 2)))
+
+
+def fetch_images(location: str, dest: Path) -> Path:
+    """A folder holding the concept's images: the folder itself, or a download of an S3 prefix."""
+    if not location.startswith("s3://"):
+        return Path(location).expanduser()
+    storage = open_storage(location)
+    for info in storage.list(""):
+        if Path(info.key).suffix.lower() in IMAGE_SUFFIXES:
+            storage.download(info.key, dest / info.key.replace("/", "__"))
+    return dest
+
+
+def job_storage(spec: JobSpec) -> Storage:
+    return open_storage(spec.checkpoint_storage)
+
+
+def _write_json(storage: Storage, key: str, value: dict[str, Any]) -> None:
+    storage.put(key, json.dumps(value, indent=2, default=str).encode())
+
+
+def read_json(storage: Storage, key: str) -> dict[str, Any] | None:
+    from pipeline.store.storage import ObjectNotFoundError
+
+    try:
+        return json.loads(storage.get(key))
+    except ObjectNotFoundError:
+        return None
+
+
+def progress_key(job: str, concept: str) -> str:
+    return f"{job}/progress/{concept}.json"
+
+
+def status_key(job: str) -> str:
+    return f"{job}/status.json"
+
+
+# --- the worker: one concept's training loop ------------------------------------------------------
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs on the Ray Train worker (see the module docstring)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from pipeline.engine.inversion import Inversion
+    from pipeline.engine.model import load_base_model, resolve_dtype
+    from pipeline.engine.training import Due, run_steps
+    from pipeline.store.model_cache import local_model_source
+
+    torch.set_num_threads(1)
+    spec = JobSpec(**config["spec"])
+    concept = next(c for c in spec.concepts if c.name == config["concept"])
+    inversion_config = spec.config_for(concept)
+    storage, key = job_storage(spec), progress_key(spec.job, concept.name)
+    previous = wait_out_outage(lambda: read_json(storage, key), spec.storage_patience) or {}
+    attempt = int(previous.get("attempt", 0)) + 1
+
+    device = ray.train.torch.get_device()
+    dtype = resolve_dtype(inversion_config.precision, device)
+    model = load_base_model(local_model_source(spec.base_model), device, dtype)
+    resolution = inversion_config.resolution or model.resolution
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = wait_out_outage(lambda: fetch_images(concept.images, Path(tmp)), spec.storage_patience)
+        images = load_images(folder, resolution, inversion_config.min_image_side)
+    engine = Inversion(model, images, inversion_config, concept.name)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            engine.load_state_dict(torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True))
+    resumed_from = engine.step_count
+    started = time.time()
+    first_step_at: float | None = None
+
+    def progress(state: str) -> None:
+        """Best effort: a progress line lost to a storage outage is rewritten at the next interval."""
+        done = engine.step_count - resumed_from
+        eta = (time.time() - started) / done * (inversion_config.steps - engine.step_count) if done else None
+        record = {"concept": concept.name, "state": state, "step": engine.step_count,
+                  "steps": inversion_config.steps, "loss": engine.last_loss, "eta_seconds": eta,
+                  "attempt": attempt, "resumed_from": resumed_from, "pid": os.getpid(),
+                  "first_step_at": first_step_at, "updated_at": datetime.now(UTC).isoformat(),
+                  "trained_at": time.time() if state == "trained" else None}  # fmt: skip
+        try:
+            _write_json(storage, key, record)
+        except StorageUnavailableError as err:
+            print(f"[{spec.job}] {concept.name}: progress not written: {err}", flush=True)
+
+    def report(with_checkpoint: bool) -> None:
+        metrics = {"step": engine.step_count, "loss": engine.last_loss, "attempt": attempt}
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(engine.state_dict(), Path(folder) / STATE_FILE)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+    def after_step(engine: Inversion, due: Due) -> None:
+        nonlocal first_step_at
+        first_step_at = first_step_at or time.time()
+        if due.checkpoint:
+            report(with_checkpoint=True)
+        elif due.log:
+            report(with_checkpoint=False)
+        if due.log:
+            progress("running")
+
+    progress("running")
+    run_steps(engine, after_step)
+    if resumed_from == inversion_config.steps:  # finished before; the driver still needs a result
+        report(with_checkpoint=True)
+    progress("trained")
+
+
+# --- the per-concept task -------------------------------------------------------------------------
+
+
+@dataclass
+class ConceptOutcome:
+    """One concept's line in the job summary."""
+
+    name: str
+    state: str  # published | skipped | failed
+    version: str | None = None
+    steps: int | None = None
+    final_loss: float | None = None
+    attempts: int = 0
+    error: str | None = None
+    seconds: float = 0.0
+    to_first_step: float | None = None  # task start -> first training step (scheduling, loading), seconds
+    to_published: float | None = None  # last step -> published in the registry, seconds
+
+
+def _check_images(spec: JobSpec, name: str) -> str | None:
+    """The reason a concept cannot train (missing or invalid images), or None. An unreachable
+    object store is not a reason: it is raised, to be waited out."""
+    concept = next(c for c in spec.concepts if c.name == name)
+    config = spec.config_for(concept)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = fetch_images(concept.images, Path(tmp))
+            if not folder.exists():
+                return f"images: {concept.images}: no such folder"
+            load_images(folder, config.resolution or 8, config.min_image_side or 1)
+    except StorageUnavailableError:
+        raise
+    except OnewordError as err:
+        return f"images: {err}"
+    return None
+
+
+def train_one(spec_data: dict[str, Any], name: str) -> dict[str, Any]:
+    """Learns and publishes one concept (a Ray task); never raises, returns its outcome."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.engine.formats import LearnedConcept
+    from pipeline.engine.inversion import Inversion
+    from pipeline.store.registry import Registry
+
+    started = time.time()
+    spec = JobSpec(**spec_data)
+    concept = next(c for c in spec.concepts if c.name == name)
+    outcome = ConceptOutcome(name=name, state="failed")
+
+    def patiently(call: Callable[[], Result]) -> Result:
+        return wait_out_outage(call, spec.storage_patience, lambda line: print(f"[{spec.job}] {name}: {line}"))
+
+    try:
+        registry = Registry.open(spec.registry)
+        done = patiently(lambda: registry.find(name, job_id=spec.job))
+        if done is not None:
+            return asdict(ConceptOutcome(name, "skipped", done.version, done.steps, done.metrics.get("final_loss")))
+        reason = patiently(lambda: _check_images(spec, name))
+        if reason is not None:
+            outcome.error = reason
+            return asdict(outcome)
+        storage_path, filesystem = train_storage(spec.checkpoint_storage, spec.storage_patience)
+        import ray
+
+        use_gpu = spec.resources.gpu > 0 and ray.cluster_resources().get("GPU", 0) > 0
+        resources = {"CPU": spec.resources.cpu, **({"GPU": spec.resources.gpu} if use_gpu else {})}
+        run_config = RunConfig(
+            name=spec.run_name(name),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
+        )
+        deadline = time.monotonic() + spec.storage_patience
+        while True:
+            trainer = TorchTrainer(
+                train_loop,
+                train_loop_config={"spec": spec_data, "concept": name},
+                scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
+                run_config=run_config,
+            )
+            try:
+                result = trainer.fit()
+                break
+            except Exception as err:
+                # Ray Train's controller gives up on a failed write of its own state, whatever
+                # FailureConfig says. Wait for the store, then fit the same run again: it resumes
+                # from its last checkpoint, as a resubmitted manifest would.
+                if not _is_storage_outage(err) or time.monotonic() > deadline:
+                    raise
+                print(f"[{spec.job}] {name}: Ray Train lost the object store ({_describe_failure(err)[:200]}); "
+                      "resuming the run from its last checkpoint once the store answers", flush=True)  # fmt: skip
+                patiently(lambda: read_json(job_storage(spec), status_key(spec.job)))
+        with result.checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        progress = patiently(lambda: read_json(job_storage(spec), progress_key(spec.job, name))) or {}
+        learned = LearnedConcept(
+            name=name,
+            vectors=Inversion.learned_vectors_of(state),
+            base_model=state["identity"],  # the text encoder the worker trained against
+            steps=int(state["step"]),
+            final_loss=float(state["last_loss"]),
+            config={**state["config"], "images": concept.images},
+        )
+        manifest = patiently(lambda: registry.publish(learned, {"final_loss": learned.final_loss}, job_id=spec.job))
+        outcome = ConceptOutcome(name, "published", manifest.version, learned.steps, learned.final_loss,
+                                 attempts=int(progress.get("attempt", 1)))  # fmt: skip
+        if progress.get("first_step_at") and progress.get("trained_at"):
+            outcome.to_first_step = round(progress["first_step_at"] - started, 2)
+            outcome.to_published = round(time.time() - progress["trained_at"], 2)
+    except Exception as err:  # one concept's failure never stops the others: it becomes its outcome
+        outcome.error = _describe_failure(err)
+    outcome.seconds = round(time.time() - started, 1)
+    return asdict(outcome)
+
+
+def _is_storage_outage(err: BaseException) -> bool:
+    """Whether a Ray Train failure came from pyarrow's S3 client failing to connect."""
+    seen: BaseException | None = err
+    for _ in range(20):  # a chain of causes, never a cycle
+        if seen is None:
+            return False
+        if "AWS Error NETWORK_CONNECTION" in str(seen):
+            return True
+        seen = getattr(seen, "controller_failure", None) or seen.__cause__ or seen.__context__
+    return False
+
+
+def _describe_failure(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    last = next((line for line in reversed(text) if line.strip()), type(err).__name__)
+    return f"{type(err).__name__}: {last}"[:500]
+
+
+# --- the driver -----------------------------------------------------------------------------------
+
+
+@dataclass
+class JobSummary:
+    job: str
+    outcomes: list[ConceptOutcome] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(o.state in ("published", "skipped") for o in self.outcomes)
+
+    def table(self) -> str:
+        lines = [f"{'concept':<24}{'state':<11}{'version':<32}{'steps':>7}{'loss':>9}{'attempts':>10}  error"]
+        for o in self.outcomes:
+            loss = f"{o.final_loss:.4f}" if o.final_loss is not None else ""
+            lines.append(f"{o.name:<24}{o.state:<11}{o.version or '':<32}{o.steps or '':>7}{loss:>9}"
+                         f"{o.attempts or '':>10}  {o.error or ''}".rstrip())  # fmt: skip
+        counts = {s: sum(o.state == s for o in self.outcomes) for s in ("published", "skipped", "failed")}
+        lines.append(f"job {self.job}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+        return "\n".join(lines)
+
+
+def run_job(spec: JobSpec, submission_id: str | None = None, poll_seconds: float = 2.0) -> JobSummary:
+    """Runs every concept of ``spec`` on the connected Ray cluster; returns when all have ended."""
+    import ray
+
+    task = ray.remote(num_cpus=0, max_retries=0)(train_one)
+    spec_data = spec.model_dump(mode="json")
+    storage = job_storage(spec)
+    pending = [c.name for c in spec.concepts]
+    running: dict[Any, str] = {}
+    outcomes: dict[str, ConceptOutcome] = {}
+    started_at = datetime.now(UTC).isoformat()
+
+    def write_status(state: str) -> None:
+        concepts = {name: {"state": "pending"} for name in pending}
+        concepts.update({name: {"state": "running"} for name in running.values()})
+        concepts.update({name: asdict(o) for name, o in outcomes.items()})
+        now = datetime.now(UTC).isoformat()
+        record = {"job": spec.job, "state": state, "submission_id": submission_id, "started_at": started_at,
+                  "updated_at": now, "concepts": concepts}  # fmt: skip
+        if state != "running":  # the final word must land
+            wait_out_outage(lambda: _write_json(storage, status_key(spec.job), record), spec.storage_patience)
+            return
+        try:  # a running status lost to an outage is rewritten at the next poll
+            _write_json(storage, status_key(spec.job), record)
+        except StorageUnavailableError as err:
+            print(f"[{spec.job}] status not written: {err}", flush=True)
+
+    write_status("running")
+    while pending or running:
+        while pending and len(running) < spec.max_concurrent:
+            name = pending.pop(0)
+            running[task.remote(spec_data, name)] = name
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=poll_seconds)
+        for ref in ready:
+            name = running.pop(ref)
+            try:
+                outcomes[name] = ConceptOutcome(**ray.get(ref))
+            except Exception as err:  # the task itself died (its node was lost, say)
+                outcomes[name] = ConceptOutcome(name, "failed", error=_describe_failure(err))
+            print(f"[{spec.job}] {name}: {outcomes[name].state}"
+                  f"{' ' + outcomes[name].version if outcomes[name].version else ''}"
+                  f"{' (' + outcomes[name].error + ')' if outcomes[name].error else ''}", flush=True)  # fmt: skip
+        write_status("running")
+    summary = JobSummary(spec.job, [outcomes[c.name] for c in spec.concepts])
+    write_status("succeeded" if summary.ok else "failed")
+    return summary
+
+
+def ray_init_for_job(address: str | None = None) -> None:
+    """Connects this process to Ray (a cluster's, or an embedded local one) with the job's env."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"):  # a Jobs API entrypoint: env already set
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)

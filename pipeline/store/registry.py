@@ -1,0 +1,304 @@
+"""The concept registry: immutable, versioned concepts in a ``Storage`` (folder or S3 bucket).
+
+Layout under the registry's location::
+
+    concepts/<name>/<version>/learned_embeds.safetensors   the artifact, written first
+    concepts/<name>/<version>/manifest.json                the commit record, written last
+
+A version exists exactly when its manifest does, so a reader never sees a half-published
+concept, and a publish interrupted between the two writes leaves only an invisible artifact
+(``gc`` removes such leftovers once they are old). Version ids are UTC time plus randomness,
+``20261126T122400.123456Z-3f9a1c``: unique and time-ordered with no coordination between writers,
+so concurrent publishers of one name never touch each other's keys. Every read checks the
+artifact against the manifest's sha256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from pipeline.engine.concepts import placeholder, validate_name
+from pipeline.engine.formats import LearnedConcept
+from pipeline.errors import InputError, StorageError
+from pipeline.store.storage import ObjectNotFoundError, Storage, open_storage
+
+ROOT = "concepts"
+ARTIFACT = "learned_embeds.safetensors"
+MANIFEST = "manifest.json"
+VERSION_RE = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
+MANIFEST_FORMAT = 1
+
+
+class ConceptNotFoundError(InputError):
+    """No such concept, or no such version of it."""
+
+
+class CorruptConceptError(StorageError):
+    """Stored bytes that do not match their manifest (altered or damaged in storage)."""
+
+
+class Manifest(BaseModel):
+    """What a registry version is: identity, provenance and the artifact's checksum."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format: int = MANIFEST_FORMAT
+    name: str
+    version: str
+    placeholder: str
+    num_vectors: int
+    dim: int
+    base_model: str | None  # text-encoder identity (pipeline.model.text_encoder_identity)
+    config: dict[str, Any] | None = None  # the training config, as a plain mapping
+    metrics: dict[str, float] = {}
+    steps: int | None = None
+    source: str = "oneword"
+    sha256: str
+    size: int
+    created_at: datetime
+    job_id: str | None = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of ``Registry.list``; pass ``next_after`` back as ``after`` for the next page."""
+
+    manifests: list[Manifest]
+    next_after: str | None
+
+
+def new_version(now: datetime | None = None) -> str:
+    now = now or datetime.now(UTC)
+    return f"{now.strftime('%Y%m%dT%H%M%S.%f')}Z-{secrets.token_hex(3)}"
+
+
+def validate_version(version: str) -> str:
+    if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
+        raise InputError(f"invalid version {version!r}: expected e.g. 20261126T122400.123456Z-3f9a1c")
+    return version
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    """``name`` or ``name@version`` (both validated)."""
+    name, _, version = ref.partition("@")
+    validate_name(name)
+    return name, (validate_version(version) if version else None)
+
+
+def _key(name: str, version: str, leaf: str) -> str:
+    return f"{ROOT}/{name}/{version}/{leaf}"
+
+
+def _artifact_bytes(concept: LearnedConcept) -> bytes:
+    return save_safetensors({concept.placeholder: concept.vectors}, metadata={"format": "pt"})
+
+
+class Registry:
+    """Publish, resolve, list and delete concept versions in one storage location."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self.location = storage.location
+
+    @classmethod
+    def open(cls, location: str) -> Registry:
+        return cls(open_storage(location))
+
+    # --- writing ----------------------------------------------------------------------------------
+
+    def publish(
+        self, concept: LearnedConcept, metrics: dict[str, float] | None = None, job_id: str | None = None
+    ) -> Manifest:
+        """Stores a new immutable version: artifact first, manifest (the commit) last."""
+        validate_name(concept.name)
+        data = _artifact_bytes(concept)
+        version = new_version()
+        manifest = Manifest(
+            name=concept.name,
+            version=version,
+            placeholder=placeholder(concept.name),
+            num_vectors=concept.num_vectors,
+            dim=concept.dim,
+            base_model=concept.base_model,
+            config=concept.config,
+            metrics={k: float(v) for k, v in (metrics or {}).items()},
+            steps=concept.steps,
+            source=concept.source,
+            sha256=hashlib.sha256(data).hexdigest(),
+            size=len(data),
+            created_at=datetime.now(UTC),
+            job_id=job_id,
+        )
+        artifact_key = _key(concept.name, version, ARTIFACT)
+        self.storage.put(artifact_key, data)
+        try:
+            self.storage.put(_key(concept.name, version, MANIFEST), manifest.model_dump_json(indent=2).encode())
+        except BaseException:
+            with contextlib.suppress(StorageError):  # best effort: without a manifest it is invisible
+                self.storage.delete(artifact_key)
+            raise
+        return manifest
+
+    def delete(self, name: str, version: str) -> Manifest:
+        """Removes one version: its manifest first (it disappears at once), then the artifact."""
+        manifest = self.manifest(name, version)
+        self.storage.delete(_key(name, version, MANIFEST))
+        self.storage.delete(_key(name, version, ARTIFACT))
+        return manifest
+
+    def gc(self, older_than: timedelta = timedelta(hours=1)) -> list[str]:
+        """Deletes artifacts that never got a manifest (interrupted publishes) older than the
+        given age (younger ones may be mid-publish). Returns the keys removed."""
+        cutoff = datetime.now(UTC) - older_than
+        seen: dict[tuple[str, str], set[str]] = {}
+        for info in self.storage.list(f"{ROOT}/"):
+            parts = info.key.split("/")
+            if len(parts) == 4:
+                seen.setdefault((parts[1], parts[2]), set()).add(parts[3])
+        removed = []
+        for (name, version), leaves in seen.items():
+            if MANIFEST in leaves or not VERSION_RE.fullmatch(version):
+                continue
+            created = datetime.strptime(version.split("Z")[0], "%Y%m%dT%H%M%S.%f").replace(tzinfo=UTC)
+            if created < cutoff:
+                for leaf in leaves:
+                    self.storage.delete(_key(name, version, leaf))
+                    removed.append(_key(name, version, leaf))
+        return removed
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def versions(self, name: str) -> list[str]:
+        """Committed versions of ``name``, oldest first."""
+        validate_name(name)
+        prefix = f"{ROOT}/{name}/"
+        found = []
+        for info in self.storage.list(prefix):
+            version, _, leaf = info.key.removeprefix(prefix).partition("/")
+            if leaf == MANIFEST and VERSION_RE.fullmatch(version):
+                found.append(version)
+        return sorted(found)
+
+    def manifest(self, name: str, version: str | None = None) -> Manifest:
+        """The manifest of ``name@version``, or of the latest version."""
+        validate_name(name)
+        if version is None:
+            versions = self.versions(name)
+            if not versions:
+                raise ConceptNotFoundError(f"no concept named {name!r} in registry {self.location}")
+            version = versions[-1]
+        validate_version(version)
+        try:
+            raw = self.storage.get(_key(name, version, MANIFEST))
+        except ObjectNotFoundError:
+            message = f"no version {version} of concept {name!r} in registry {self.location}"
+            raise ConceptNotFoundError(message) from None
+        try:
+            manifest = Manifest.model_validate_json(raw)
+        except ValidationError:
+            raise CorruptConceptError(f"{self.location}/{_key(name, version, MANIFEST)}: unreadable manifest") from None
+        if (manifest.name, manifest.version) != (name, version):
+            where = f"{self.location}/{_key(name, version, MANIFEST)}"
+            raise CorruptConceptError(f"{where}: manifest names another version")
+        return manifest
+
+    def find(self, name: str, job_id: str) -> Manifest | None:
+        """The newest version of ``name`` published by job ``job_id``, if any (for idempotent jobs)."""
+        for version in reversed(self.versions(name)):
+            try:
+                manifest = self.manifest(name, version)
+            except ConceptNotFoundError:  # deleted meanwhile
+                continue
+            if manifest.job_id == job_id:
+                return manifest
+        return None
+
+    def get(self, name: str, version: str | None = None) -> tuple[Manifest, LearnedConcept]:
+        """The concept ``name@version`` (latest if no version), checksum verified."""
+        manifest = self.manifest(name, version)
+        key = _key(name, manifest.version, ARTIFACT)
+        try:
+            data = self.storage.get(key)
+        except ObjectNotFoundError:
+            raise CorruptConceptError(f"{self.location}/{key}: artifact missing for a committed version") from None
+        if hashlib.sha256(data).hexdigest() != manifest.sha256:
+            raise CorruptConceptError(
+                f"{self.location}/{key}: checksum mismatch (the stored artifact was altered or damaged)"
+            )
+        try:
+            vectors = load_safetensors(data)[manifest.placeholder]
+        except (SafetensorError, KeyError) as err:
+            raise CorruptConceptError(f"{self.location}/{key}: unreadable artifact ({err})") from None
+        concept = LearnedConcept(
+            name=manifest.name,
+            vectors=vectors,
+            base_model=manifest.base_model,
+            steps=manifest.steps,
+            final_loss=manifest.metrics.get("final_loss"),
+            config=manifest.config,
+            source=manifest.source,
+            extra={"version": manifest.version},
+        )
+        return manifest, concept
+
+    def names(self, prefix: str = "") -> Iterator[str]:
+        """Concept names with at least one stored object, sorted."""
+        last = None
+        for info in self.storage.list(f"{ROOT}/{prefix}"):
+            name = info.key.split("/")[1]
+            if name != last:
+                last = name
+                yield name
+
+    def list(self, prefix: str = "", limit: int = 100, after: str | None = None) -> Page:
+        """Committed versions whose name starts with ``prefix``, by name then version.
+        ``after`` is a ``name@version`` (a page's ``next_after``) to continue from."""
+        if not 1 <= limit <= 1000:
+            raise InputError(f"limit {limit}: must be between 1 and 1000")
+        if prefix and not re.fullmatch(r"[a-z0-9_-]{0,64}", prefix):
+            raise InputError(f"invalid name prefix {prefix!r}: names use lowercase a-z, 0-9, '-' and '_'")
+        start_after = ""
+        if after:
+            name, version = parse_ref(after)
+            start_after = _key(name, version or "", MANIFEST)
+        manifests: list[Manifest] = []
+        for info in self.storage.list(f"{ROOT}/{prefix}", start_after=start_after):
+            parts = info.key.split("/")
+            if len(parts) != 4 or parts[3] != MANIFEST or not VERSION_RE.fullmatch(parts[2]):
+                continue
+            if len(manifests) == limit:
+                return Page(manifests, manifests[-1].ref)
+            try:
+                manifests.append(self.manifest(parts[1], parts[2]))
+            except ConceptNotFoundError:  # deleted while listing
+                continue
+        return Page(manifests, None)
+
+
+def manifest_summary(manifest: Manifest) -> dict[str, Any]:
+    """The manifest as plain JSON-able values (for ``registry show`` and HTTP answers)."""
+    return json.loads(manifest.model_dump_json())
+
+
+def default_registry_location() -> str:
+    """``$ONEWORD_REGISTRY``, else a folder in the user's data directory (the embedded default)."""
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.environ.get("ONEWORD_REGISTRY") or os.path.join(data_home, "oneword", "registry")
