@@ -107,6 +107,10 @@ def mark_submitted(spec: JobSpec, submission_id: str) -> None:
     job_storage(spec).put(status_key(spec.job), json.dumps(status, indent=2).encode())
 
 
+# How long a submission waits for a freshly started head's job agent.
+AGENT_PATIENCE_S = 60.0
+
+
 def submit_jobs_api(spec: JobSpec, address: str) -> str:
     """Submits the driver through the Jobs API; returns the submission id."""
     client = _jobs_client(address)  # fails early on a wrong address or token, before anything is recorded
@@ -114,15 +118,22 @@ def submit_jobs_api(spec: JobSpec, address: str) -> str:
     mark_submitted(spec, submission_id)
     with tempfile.TemporaryDirectory(prefix="oneword-job-") as folder:
         (Path(folder) / "spec.json").write_text(spec.model_dump_json(indent=2))
-        try:
-            client.submit_job(
-                entrypoint=f"python -m pipeline.cli run-job spec.json --submission-id {submission_id}",
-                submission_id=submission_id,
-                runtime_env={"working_dir": folder, "env_vars": WORKER_ENV},
-                metadata={"oneword_job": spec.job},
-            )
-        except Exception as err:
-            raise _submission_error(err, address, *ray_auth_token()) from None
+        deadline = time.monotonic() + AGENT_PATIENCE_S
+        while True:
+            try:
+                client.submit_job(
+                    entrypoint=f"python -m pipeline.cli run-job spec.json --submission-id {submission_id}",
+                    submission_id=submission_id,
+                    runtime_env={"working_dir": folder, "env_vars": WORKER_ENV},
+                    metadata={"oneword_job": spec.job},
+                )
+                break
+            except Exception as err:
+                # a head that has just started answers 500 until its node's agent has registered
+                if "No available agent" in str(err) and time.monotonic() < deadline:
+                    time.sleep(2.0)
+                    continue
+                raise _submission_error(err, address, *ray_auth_token()) from None
     return submission_id
 
 
