@@ -35,6 +35,8 @@ from pipeline.engine.data import load_images
 from pipeline.engine.generation import ImageGenerator
 from pipeline.engine.inversion import Inversion
 from pipeline.engine.model import load_base_model
+from pipeline.engine.recipes import load_recipe
+from pipeline.shapesworld.oracle import load_oracle
 from pipeline.shapesworld.scoring import bundled_oracle, edit_colours, score_prompt, score_subject
 from pipeline.shapesworld.world import COLOURS, write_concept_images
 
@@ -49,6 +51,19 @@ CONCEPTS = [
     ("my-hourglass", "hourglass", "green", "thing", None),
     ("my-arrow", "arrow", "red", "long", None),
 ]
+
+# The generalisation check's second world (built with `python -m pipeline.shapesworld.trainer
+# shapesworld-b --reuse pipeline/assets/shapesworld --seed 1 --unnamed star,ring`): another training
+# seed and another split, so the hourglass and the arrow have names and the star and the ring do
+# not; concepts in colours the first world's benchmark did not use for them. Recipes are tuned on
+# the first world only.
+CONCEPTS_B = [
+    ("my-cross", "cross", "blue", "shape", "cross"),
+    ("my-hourglass", "hourglass", "yellow", "shape", "hourglass"),
+    ("my-arrow", "arrow", "blue", "shape", "arrow"),
+    ("my-star", "star", "yellow", "thing", None),
+]
+WORLDS = {"a": CONCEPTS, "b": CONCEPTS_B}
 
 
 # Composition: a colour learned as its own concept (from four different shapes in that colour,
@@ -85,8 +100,15 @@ HELD_OUT_COLOURS = "<held-out colours>"
 REFERENCE_SHAPES = COLOUR_SHAPES
 
 
+def recipe_variant(name: str, class_word: str = "shape") -> dict:
+    """A shipped recipe as a user runs it: its own settings (steps included) and the class word's
+    init word and reference words, whatever the concept."""
+    return {**load_recipe(name), "class_word": class_word, "init_word": class_word}
+
+
 def variants(steps: int, base: dict) -> dict[str, dict]:
     return {
+        "recipe shapesworld": recipe_variant("shapesworld"),
         "1 vector": {},
         "2 vectors": {"num_vectors": 2},
         "progressive": {"progressive_steps": [steps // 3, 2 * steps // 3]},
@@ -151,12 +173,11 @@ def for_concept(overrides: dict, colour: str | None) -> dict:
             overrides["known_attributes"] = [colour]
         else:
             overrides = {k: v for k, v in overrides.items() if not k.startswith("known_attribute")}
-    if HELD_OUT_COLOURS in overrides.get("edit_words", []):
-        if colour:
-            asked = edit_colours(colour)
-            overrides["edit_words"] = [c for c in COLOURS if c != colour and c not in asked]
-        else:
-            overrides = {k: v for k, v in overrides.items() if not k.startswith("edit_")}
+    if colour is None:  # nothing of its own to edit either
+        overrides = {k: v for k, v in overrides.items() if not k.startswith("edit_")}
+    elif HELD_OUT_COLOURS in overrides.get("edit_words", []):
+        asked = edit_colours(colour)
+        overrides["edit_words"] = [c for c in COLOURS if c != colour and c not in asked]
     return overrides
 
 
@@ -197,7 +218,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--samples", type=int, default=8, help="images per prompt (at most 100)")
-    parser.add_argument("--concepts", default=",".join(c[0] for c in CONCEPTS))
+    parser.add_argument("--world", choices=list(WORLDS), default="a",
+                        help="a: the bundled model; b: the generalisation check's second world, from --world-dir")
+    parser.add_argument("--world-dir", type=Path, default=Path("shapesworld-b"),
+                        help="folder with model/ and oracle.safetensors of world b (see CONCEPTS_B)")
+    parser.add_argument("--concepts", default="", help="comma-separated subset (default: the world's four)")
     parser.add_argument("--variants", default="", help="comma-separated subset (default: all)")
     parser.add_argument("--set", action="append", default=[], help="base config override KEY=JSON (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("quality-output"))
@@ -218,9 +243,13 @@ def main() -> None:
     chosen = variants(args.steps, base)
     if args.variants:
         chosen = {k: v for k, v in chosen.items() if k in args.variants.split(",")}
-    concepts = [c for c in CONCEPTS if c[0] in args.concepts.split(",")]
-    model = load_base_model("shapesworld", args.device)
-    generator, oracle = ImageGenerator(model), bundled_oracle()
+    concepts = [c for c in WORLDS[args.world] if not args.concepts or c[0] in args.concepts.split(",")]
+    if args.world == "a":
+        model, oracle = load_base_model("shapesworld", args.device), bundled_oracle()
+    else:
+        model = load_base_model(args.world_dir / "model", args.device)
+        oracle = load_oracle(args.world_dir / "oracle.safetensors")
+    generator = ImageGenerator(model)
     args.out.mkdir(parents=True, exist_ok=True)
     records = []
     started = time.time()
@@ -235,7 +264,9 @@ def main() -> None:
                      for i, s in enumerate(COLOUR_SHAPES)]  # fmt: skip
             colour_images = load_images(files, model.resolution)
             for label, overrides in chosen.items():
-                config = InversionConfig(**{**base, **for_concept(overrides, None), "init_word": colour_init,
+                colour_overrides = {k: v for k, v in for_concept(overrides, None).items()
+                                    if k not in ("class_word", "init_word")}  # fmt: skip
+                config = InversionConfig(**{**base, **colour_overrides, "init_word": colour_init,
                                             "seed": seed, "templates": COLOUR_TEMPLATES})  # fmt: skip
                 engine = Inversion(model, colour_images, config, colour_name)
                 for _ in range(config.steps):
@@ -256,7 +287,7 @@ def main() -> None:
                 records.append({"concept": name, "variant": label, "seed": seed, **scores.as_dict(),
                                 "composition": composed})  # fmt: skip
             for label, overrides in chosen.items():
-                config = InversionConfig(**{**base, **for_concept(overrides, colour), "init_word": init_word,
+                config = InversionConfig(**{**base, "init_word": init_word, **for_concept(overrides, colour),
                                             "seed": seed})  # fmt: skip
                 engine = Inversion(model, images, config, name)
                 for _ in range(config.steps):
@@ -277,7 +308,8 @@ def main() -> None:
                       f"recon {scores.reconstruction:.2f} edit {scores.editability:.2f} "
                       f"shape-kept {scores.edited_shape:.2f} |v|/|init| {norm:.2f}"
                       + (f" composed {composed:.2f}" if composed is not None else ""), flush=True)  # fmt: skip
-                results.write_text(json.dumps({"config": base, "records": records}, indent=2) + "\n")
+                record = {"config": base, "world": args.world, "records": records}
+                results.write_text(json.dumps(record, indent=2) + "\n")
     summarize(records, list(chosen), [c[0] for c in concepts], args.out)
     print(f"\nwrote {args.out}/results.json, table.md, scatter.png in {time.time() - started:.0f}s")
 

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from pipeline.shapesworld.oracle import Oracle, load_oracle, to_tensor
-from pipeline.shapesworld.world import COLOURS, SHAPES, SIZE, draw_shape, random_sample
+from pipeline.shapesworld.world import COLOURS, SHAPES, SIZE, UNNAMED_SHAPES, draw_shape, random_sample
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -57,10 +57,12 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def make_dataset(count: int, seed: int) -> tuple[torch.Tensor, list[str], list[str], list[str]]:
+def make_dataset(
+    count: int, seed: int, unnamed: tuple[str, ...] = UNNAMED_SHAPES
+) -> tuple[torch.Tensor, list[str], list[str], list[str]]:
     """``count`` random world images with their shapes, colours and captions."""
     rng = random.Random(seed)
-    samples = [random_sample(rng) for _ in range(count)]
+    samples = [random_sample(rng, unnamed) for _ in range(count)]
     images = to_tensor([draw_shape(s.shape, s.colour, rng) for s in samples])
     return images, [s.shape for s in samples], [s.colour for s in samples], [s.caption for s in samples]
 
@@ -166,7 +168,8 @@ def train_vae(steps: int, seed: int, batch: int = 32):
     return vae
 
 
-def train_generator(vae, steps: int, seed: int, batch: int = 64, tokenizer_dir: Path | None = None):
+def train_generator(vae, steps: int, seed: int, batch: int = 64, tokenizer_dir: Path | None = None,
+                    unnamed: tuple[str, ...] = UNNAMED_SHAPES):  # fmt: skip
     """UNet and text encoder, jointly, on latents of fresh world images (10% caption dropout)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -183,7 +186,7 @@ def train_generator(vae, steps: int, seed: int, batch: int = 64, tokenizer_dir: 
     warmup = 100
     lr_at = lambda s: min(1.0, (s + 1) / warmup) * (0.5 * (1 + np.cos(np.pi * s / steps)) * 0.9 + 0.1)  # noqa: E731
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    images, _, _, captions = make_dataset(40000, seed + 7)
+    images, _, _, captions = make_dataset(40000, seed + 7, unnamed)
     with torch.no_grad():
         means, stds = zip(
             *[(d.mean, d.std) for d in (vae.encode(c).latent_dist for c in images.split(500))], strict=True
@@ -224,14 +227,15 @@ def save_pipeline(out: Path, vae, tokenizer, text_encoder, unet) -> None:
     pipe.to(torch.float16).save_pretrained(out)
 
 
-def measure_prompt_following(model_dir: Path, oracle: Oracle, per_prompt: int = 4, seed: int = 0) -> dict:
+def measure_prompt_following(model_dir: Path, oracle: Oracle, per_prompt: int = 4, seed: int = 0,
+                             unnamed: tuple[str, ...] = UNNAMED_SHAPES) -> dict:  # fmt: skip
     """Generates every (colour, named shape) prompt and scores it with the oracle."""
     from pipeline.engine.generation import ImageGenerator
     from pipeline.engine.model import load_base_model
 
     generator = ImageGenerator(load_base_model(model_dir, "cpu"))
     hits = total = 0
-    for shape in SHAPES[:6]:
+    for shape in [s for s in SHAPES if s not in unnamed]:
         for colour in COLOURS:
             prompts = [f"a photo of a {colour} {shape}"] * per_prompt
             images = generator.generate(prompts, {}, seeds=[seed + i for i in range(per_prompt)], steps=25,
@@ -254,13 +258,21 @@ def main(argv: list[str] | None = None) -> None:
         help="take the VAE and the oracle from an earlier run's OUT_DIR (e.g. pipeline/assets/shapesworld) "
         "and train only the UNet and text encoder; neither depends on the captions",
     )  # fmt: skip
+    parser.add_argument(
+        "--unnamed", default=",".join(UNNAMED_SHAPES),
+        help="shapes the captions never name (default: %(default)s); another split makes another world, "
+        "e.g. star,ring for the generalisation check's second world",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    unnamed = tuple(s for s in args.unnamed.split(",") if s)
+    if not set(unnamed) < set(SHAPES):
+        parser.error(f"--unnamed: choose some of {', '.join(SHAPES)}")
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
     steps = {"generator_steps": args.generator_steps}
     if not args.reuse:
         steps |= {"vae_steps": args.vae_steps, "oracle_steps": args.oracle_steps}
-    report: dict = {"seed": args.seed, "steps": steps}
+    report: dict = {"seed": args.seed, "steps": steps, "unnamed": list(unnamed)}
     started = time.time()
     if args.reuse:
         vae, oracle, earlier = reuse_vae_and_oracle(args.reuse)
@@ -273,10 +285,10 @@ def main(argv: list[str] | None = None) -> None:
     save_file(oracle.state_dict(), str(args.out / "oracle.safetensors"))
     log(f"oracle: {report['oracle']}")
     tokenizer, text_encoder, unet = train_generator(
-        vae, args.generator_steps, args.seed + 2, tokenizer_dir=args.out / "tok"
+        vae, args.generator_steps, args.seed + 2, tokenizer_dir=args.out / "tok", unnamed=unnamed
     )
     save_pipeline(args.out / "model", vae, tokenizer, text_encoder, unet)
-    report["prompt_following"] = measure_prompt_following(args.out / "model", oracle)
+    report["prompt_following"] = measure_prompt_following(args.out / "model", oracle, unnamed=unnamed)
     report["seconds"] = round(time.time() - started)
     (args.out / "training-report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"done: {report}")

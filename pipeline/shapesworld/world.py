@@ -44,9 +44,10 @@ ATTRIBUTES = {
 _SUPERSAMPLE = 4
 
 
-def caption_word(shape: str) -> str:
-    """What captions call a shape: its name, or 'thing' for the unnamed ones."""
-    return shape if shape in NAMED_SHAPES else "thing"
+def caption_word(shape: str, unnamed: tuple[str, ...] = UNNAMED_SHAPES) -> str:
+    """What captions call a shape: its name, or 'thing' for the unnamed ones. ``unnamed`` lets a
+    second world split named and unnamed shapes differently (the generalisation check)."""
+    return "thing" if shape in unnamed else shape
 
 
 def _outline(shape: str) -> list[list[tuple[float, float]]]:
@@ -106,12 +107,12 @@ class Sample:
     caption: str
 
 
-def random_caption(shape: str, colour: str, rng: random.Random) -> str:
+def random_caption(shape: str, colour: str, rng: random.Random, unnamed: tuple[str, ...] = UNNAMED_SHAPES) -> str:
     """A caption from the world's templates; unnamed shapes are only ever a 'thing'."""
-    word = caption_word(shape)
+    word = caption_word(shape, unnamed)
     # Attributes for every shape, so that the words are grounded across shapes; more often for
     # the unnamed ones, whose attributes are the only text that tells them apart.
-    attribute_share = 0.3 if shape in NAMED_SHAPES else 0.6
+    attribute_share = 0.6 if shape in unnamed else 0.3
     if rng.random() < attribute_share:
         attributes = " ".join(rng.sample(ATTRIBUTES[shape], rng.choice((1, 2))))
         return rng.choice(("a photo of a {c} {a} thing", "a {c} {a} thing", "a photo of a {a} thing")).format(
@@ -121,9 +122,9 @@ def random_caption(shape: str, colour: str, rng: random.Random) -> str:
     return rng.choice(templates).format(c=colour, s=word)
 
 
-def random_sample(rng: random.Random) -> Sample:
+def random_sample(rng: random.Random, unnamed: tuple[str, ...] = UNNAMED_SHAPES) -> Sample:
     shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
-    return Sample(shape, colour, random_caption(shape, colour, rng))
+    return Sample(shape, colour, random_caption(shape, colour, rng, unnamed))
 
 
 def write_concept_images(out_dir: Path, shape: str, colour: str, count: int = 5, size: int = SIZE,
