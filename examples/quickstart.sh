@@ -21,7 +21,7 @@ run $oneword train --recipe shapesworld --class-word shape --images "$OUT/images
 run $oneword shapesworld-score --concept "$OUT/my-star/learned_embeds.safetensors" --shape star --colour yellow \
     --compare shape --compare star --out "$OUT/my-star-grid.png"
 run $oneword generate --base-model shapesworld --concept "$OUT/my-star/learned_embeds.safetensors" \
-    "a photo of a purple <my-star>" --num-images 4 --guidance 5 --out "$OUT/purple-my-star.png"
+    "a photo of a purple <my-star>" --n 4 --guidance-scale 5 --out "$OUT/purple-my-star.png"
 
 echo
 echo "done: concept in $OUT/my-star/ (learned_embeds.safetensors for diffusers, my-star.a1111.pt, loss.jsonl);"

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.engine.generation_options import GenerationOptions
 from serving.settings import ServeSettings
 
 api = FastAPI(
@@ -43,17 +44,9 @@ api = FastAPI(
 # --- request and response models ------------------------------------------------------------------
 
 
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class GenerateRequest(GenerationOptions):
+    """The generation options every client shares (``oneword generate`` too), and the image format."""
 
-    prompt: str = Field(min_length=1, max_length=2000, examples=["a photo of a <my-star> on a beach"])
-    negative_prompt: str = Field("", max_length=2000)
-    n: int = Field(1, ge=1, le=64, description="number of images (the service's max_images applies)")
-    steps: int | None = Field(None, ge=1, le=1000, description="denoising steps (default: the service's)")
-    guidance_scale: float = Field(7.5, ge=0, le=50)
-    width: int | None = Field(None, ge=8, le=4096, description="multiple of 8 (default: the model's)")
-    height: int | None = Field(None, ge=8, le=4096, description="multiple of 8 (default: the model's)")
-    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="image i uses seed + i (default: random)")
     output_format: Literal["png", "jpeg"] = "png"
 
 

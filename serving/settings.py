@@ -6,7 +6,7 @@ It arrives as the application's ``args`` (``serve deploy`` / KubeRay ``serveConf
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -17,15 +17,17 @@ class ServeSettings(BaseModel):
     base_model: str = Field("shapesworld", description="folder, hub id, s3://... or a bundled model name")
     registry: str | None = Field(None, description="registry location; default $ONEWORD_REGISTRY or the user folder")
     device: str | None = Field(None, description="cpu, cuda ... (default: cuda if available)")
-    precision: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="weights' precision; auto: bf16 on GPUs that support it, else fp32"
+    )
 
     # request limits
     min_size: int = Field(8, ge=8, description="smallest width/height in pixels")
     max_size: int = Field(1024, ge=8, description="largest width/height in pixels")
     max_images: int = Field(8, ge=1, le=64, description="images per request")
     max_steps: int = Field(100, ge=1, le=1000, description="denoising steps per request")
-    default_steps: int = Field(25, ge=1)
-    max_prompt_chars: int = Field(2000, ge=1)
+    default_steps: int = Field(25, ge=1, description="denoising steps when a request names none")
+    max_prompt_chars: int = Field(2000, ge=1, description="longest prompt accepted, in characters")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="requests larger than this get 413")
 
     # concepts
@@ -33,24 +35,26 @@ class ServeSettings(BaseModel):
     concept_cache_size: int = Field(1024, ge=1, description="concept versions kept per replica (LRU)")
 
     # security: comma-separated bearer tokens in this environment variable, or one per line in a file
-    api_keys_env: str = "ONEWORD_API_KEYS"
-    api_keys_file: str | None = None
+    api_keys_env: str = Field(
+        "ONEWORD_API_KEYS", description="environment variable holding comma-separated bearer tokens (unset: no keys)"
+    )
+    api_keys_file: str | None = Field(None, description="file with one bearer token per line")
 
     # replicas and batching
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(2.0, gt=0)
-    upscale_delay_s: float = Field(10.0, ge=0)
-    downscale_delay_s: float = Field(300.0, ge=0)
-    max_ongoing_requests: int = Field(16, ge=1)
+    min_replicas: int = Field(1, ge=0, description="fewest generation replicas (autoscaling)")
+    max_replicas: int = Field(1, ge=1, description="most generation replicas (autoscaling)")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="requests per replica autoscaling aims for")
+    upscale_delay_s: float = Field(10.0, ge=0, description="seconds of load before a replica is added")
+    downscale_delay_s: float = Field(300.0, ge=0, description="seconds of quiet before a replica is removed")
+    max_ongoing_requests: int = Field(16, ge=1, description="requests one replica works on at once")
     max_queued_requests: int = Field(64, ge=-1, description="beyond this, 503 instead of waiting (-1: no limit)")
     retry_after_s: float = Field(2.0, ge=0, description="the Retry-After header of that 503, in seconds")
     num_gpus: float = Field(0.0, ge=0, le=8, description="GPU (fraction) per replica")
-    num_cpus: float = Field(1.0, gt=0)
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per replica")
     max_batch_size: int = Field(8, ge=1, description="requests batched into one pipeline call")
-    batch_wait_timeout_s: float = Field(0.02, ge=0)
-    health_check_period_s: float = Field(10.0, gt=0)
-    health_check_timeout_s: float = Field(30.0, gt=0)
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="seconds a request waits for others to batch with")
+    health_check_period_s: float = Field(10.0, gt=0, description="seconds between replica health checks")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="seconds before a health check fails")
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeSettings:

@@ -117,7 +117,7 @@ def test_generate_renders_concepts_and_refuses_foreign_ones(tiny_model_dir, tmp_
     assert main(args) == 0
     first = Image.open(out)
     assert first.size == (64, 64)
-    assert main([*args, "--num-images", "4", "--size", "32", "--out", str(tmp_path / "grid.png")]) == 0
+    assert main([*args, "--n", "4", "--width", "32", "--height", "32", "--out", str(tmp_path / "grid.png")]) == 0
     assert Image.open(tmp_path / "grid.png").size == (64, 64)  # 2x2 grid of 32 px images
     assert main(args) == 0 and Image.open(out).tobytes() == first.tobytes()  # seeded: reproducible
 
@@ -129,8 +129,10 @@ def test_generate_renders_concepts_and_refuses_foreign_ones(tiny_model_dir, tmp_
                "--concept", str(tmp_path / "alien" / "learned_embeds.safetensors")]  # fmt: skip
     assert main(foreign) == 2
     assert "concept 'alien' was learned on base model clip-49408x128-0000, not on this one" in capsys.readouterr().err
-    assert main([*args[:-2], "--out", str(tmp_path / "b.png"), "--size", "30"]) == 2
-    assert "--size 30: must be a positive multiple of 8" in capsys.readouterr().err
+    assert main([*args[:-2], "--out", str(tmp_path / "b.png"), "--width", "30"]) == 2
+    assert "--width 30: must be a multiple of 8" in capsys.readouterr().err
+    assert main([*args[:-2], "--out", str(tmp_path / "b.png"), "--num-images", "65"]) == 2
+    assert "options: n: Input should be less than or equal to 64" in capsys.readouterr().err
     assert main(["generate", "a <nobody>", "--base-model", str(tiny_model_dir), "--out", str(tmp_path / "c.png")]) == 2
     assert "prompt references <nobody>: no --concept file gives it, and no concept named 'nobody' in registry" in (
         capsys.readouterr().err

@@ -29,7 +29,7 @@ def test_every_config_field_has_its_flag_with_help_and_default():
         action = by_dest[name]
         assert flag(name) in action.option_strings
         assert info.description and info.description.split()[0] in action.help
-        assert "(default: " in action.help
+        assert "(default: " in action.help and action.help.count("(default:") == 1
 
 
 def test_nothing_given_sets_nothing():
@@ -80,3 +80,27 @@ def test_generated_options_for_another_model():
     assert given_values(args, InversionConfig) == {"init_word": "dog", "precision": "bf16"}
     with pytest.raises(SystemExit):
         parser.parse_args(["--init-word", "dog", "--precision", "fp8"])  # choices come from the Literal
+
+
+def test_generate_speaks_the_http_apis_vocabulary():
+    from serving.app import GenerateRequest
+
+    generate = _parser()._subparsers._group_actions[0].choices["generate"]
+    flags = {a.dest for a in generate._actions}
+    api = set(GenerateRequest.model_fields) - {"output_format"}  # the CLI writes PNG files
+    assert api - {"prompt"} <= flags and "prompt" in flags  # the prompt is the positional argument
+    args = _parser().parse_args(["generate", "a <x>", "--base-model", "m", "--out", "o.png", "--n", "2",
+                                 "--negative-prompt", "blurry", "--guidance-scale", "5", "--width", "32"])  # fmt: skip
+    assert given_values(args, GenerateRequest) == {"prompt": "a <x>", "n": 2, "negative_prompt": "blurry",
+                                                   "guidance_scale": 5.0, "width": 32}  # fmt: skip
+
+
+def test_every_service_setting_is_a_serve_flag():
+    from serving.settings import ServeSettings
+
+    serve = _parser()._subparsers._group_actions[0].choices["serve"]
+    by_dest = {a.dest: a for a in serve._actions}
+    for name, info in ServeSettings.model_fields.items():
+        assert flag(name) in by_dest[name].option_strings and info.description in by_dest[name].help
+    args = _parser().parse_args(["serve", "--max-replicas", "4", "--precision", "bf16"])
+    assert given_values(args, ServeSettings) == {"max_replicas": 4, "precision": "bf16"}

@@ -50,7 +50,7 @@ def service(ray_head, tiny_model_dir, tmp_path_factory):
     command = [sys.executable, "-m", "pipeline.cli", "serve", "--base-model", str(tiny_model_dir),
                "--registry", str(registry_dir), "--address", ray_head.gcs, "--port", str(port)]  # fmt: skip
     for key, value in settings.items():
-        command += ["--set", f"{key}={value}"]
+        command += [f"--{key.replace('_', '-')}", str(value)]
     log = open(tmp_path_factory.mktemp("serve-log") / "serve.log", "w")  # noqa: SIM115 - lives as long as the server
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

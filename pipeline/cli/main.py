@@ -25,6 +25,8 @@ from typing import Any
 
 from pipeline.cli.options import add_model_options, given_values
 from pipeline.engine.config import InversionConfig
+from pipeline.engine.generation_options import GenerationOptions
+from serving.settings import ServeSettings  # its fields are the flags of `oneword serve`
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -110,15 +112,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="concept file (learned_embeds.safetensors, A1111 .pt, kohya); repeatable. "
                    "Concepts in the prompt without a file come from --registry")  # fmt: skip
     p.add_argument("--registry", help=REGISTRY_HELP)
-    p.add_argument("--out", required=True, type=Path, help="PNG file; with --num-images > 1, a grid")
-    p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--num-images", type=int, default=1, help="images (seeds SEED, SEED+1, ...)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, help="image side in pixels, a multiple of 8 (default: model's)")
+    p.add_argument("--out", required=True, type=Path, help="PNG file; with --n > 1, a grid")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    add_model_options(p.add_argument_group("generation options (the HTTP API's request fields)"), GenerationOptions,
+                      aliases={"n": ["--num-images"]}, skip={"prompt"})  # fmt: skip
 
     p = sub.add_parser("tiny-model", help="build a small random SD-1.x-shaped model for offline use")
     p.add_argument("out", type=Path, help="output folder (diffusers layout)")
@@ -192,15 +190,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the HTTP generation service (Ray Serve) on this machine or a cluster",
                        description="Serves POST /v1/generate, the OpenAI-compatible POST /v1/images/generations, "
                        "GET /v1/concepts and /docs. Concepts are resolved from the registry per request; new "
-                       "versions are picked up within concept_ttl_s. Any field of serving/settings.py can be set "
-                       "with --config FILE (YAML) or --set FIELD=VALUE.")  # fmt: skip
-    p.add_argument("--base-model", help="diffusers folder, hub id, s3://... or shapesworld (default)")
-    p.add_argument("--registry", help=REGISTRY_HELP)
+                       "versions are picked up within concept_ttl_s. Every field of serving/settings.py is a flag "
+                       "of the same name; a --config FILE (YAML) gives any of them, flags win.")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--address", help="an existing Ray cluster (default: start a local one, bound to 127.0.0.1)")
-    p.add_argument("--config", type=Path, help="YAML/JSON file of service settings")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="one setting (repeatable)")
+    p.add_argument("--config", type=Path, help="YAML/JSON file of service settings (flags win)")
+    add_model_options(p.add_argument_group("service settings (fields of serving/settings.py)"), ServeSettings)
 
     p = sub.add_parser("run-job", help=argparse.SUPPRESS)  # the driver's entrypoint on a cluster
     p.add_argument("manifest", type=Path)
@@ -272,7 +268,10 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from pipeline.engine.concepts import concept_refs
+    from pipeline.engine.config import ConfigError, describe_validation_error
     from pipeline.engine.formats import load_concept_file
     from pipeline.engine.generation import ImageGenerator, check_compatible, image_grid
     from pipeline.engine.model import load_base_model, resolve_dtype
@@ -280,10 +279,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from pipeline.store.model_cache import local_model_source
     from pipeline.store.registry import ConceptNotFoundError
 
-    if args.size is not None and (args.size < 8 or args.size % 8):
-        raise InputError(f"--size {args.size}: must be a positive multiple of 8")
-    if not 1 <= args.num_images <= 64:
-        raise InputError(f"--num-images {args.num_images}: must be between 1 and 64")
+    try:
+        options = GenerationOptions(prompt=args.prompt, **given_values(args, GenerationOptions))
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, "options")) from None
+    for side in ("width", "height"):
+        if getattr(options, side) is not None and getattr(options, side) % 8:
+            raise InputError(f"--{side} {getattr(options, side)}: must be a multiple of 8")
+    seed = options.seed or 0
     device = _device(args.device)
     model = load_base_model(local_model_source(args.base_model), device, resolve_dtype(args.precision, device))
     concepts = {}
@@ -291,7 +294,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         concept = load_concept_file(path, dim=model.embedding_dim)
         check_compatible(concept, model)
         concepts[concept.name] = concept.vectors
-    missing = [ref for ref in concept_refs(args.prompt + " " + args.negative) if ref.key not in concepts]
+    missing = [ref for ref in concept_refs(options.prompt + " " + options.negative_prompt) if ref.key not in concepts]
     if missing:
         registry = _registry(args.registry)
         for ref in missing:
@@ -304,14 +307,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             check_compatible(concept, model)
             concepts[ref.key] = concept.vectors
     images = ImageGenerator(model).generate(
-        [args.prompt] * args.num_images,
+        [options.prompt] * options.n,
         concepts,
-        negative_prompts=[args.negative] * args.num_images,
-        seeds=[args.seed + i for i in range(args.num_images)],
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        height=args.size,
-        width=args.size,
+        negative_prompts=[options.negative_prompt] * options.n,
+        seeds=[seed + i for i in range(options.n)],
+        steps=options.steps or 25,
+        guidance_scale=options.guidance_scale,
+        height=options.height,
+        width=options.width,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     (images[0] if len(images) == 1 else image_grid(images)).save(args.out)
@@ -471,8 +474,6 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import json
-
     import yaml
     from pydantic import ValidationError
 
@@ -484,17 +485,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             values.update(yaml.safe_load(args.config.read_text()) or {})
         except (OSError, yaml.YAMLError) as err:
             raise ConfigError(f"{args.config}: cannot read service settings: {err}") from None
-    for item in args.set:
-        field, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item}: expected FIELD=VALUE")
-        try:
-            values[field] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[field] = raw
-    values.update({k: v for k, v in (("base_model", args.base_model), ("registry", args.registry)) if v})
+    values.update(given_values(args, ServeSettings))
     from serving.app import build_app  # the one place pipeline imports serving: starting the service
-    from serving.settings import ServeSettings
 
     try:
         settings = ServeSettings(**values)

@@ -52,6 +52,8 @@ def _default_text(info: Any) -> str:
         value = info.default
     if value is None or value == []:
         return "none"
+    if value == "":
+        return "empty"
     if isinstance(value, list):
         return " ".join(map(str, value))
     return str(value)
@@ -72,7 +74,8 @@ def add_model_options(
         scalar, is_list = _scalar(info.annotation)
         names = [flag(name), *aliases.get(name, [])]
         description = (info.description or name.replace("_", " ")).replace("%", "%%")
-        help_text = description if name in required else f"{description} (default: {_default_text(info)})"
+        says_default = name in required or "(default:" in description
+        help_text = description if says_default else f"{description} (default: {_default_text(info)})"
         if is_list:
             help_text += " (repeatable)"
         options: dict[str, Any] = {"dest": name, "help": help_text, "default": argparse.SUPPRESS}
