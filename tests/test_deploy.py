@@ -187,6 +187,10 @@ def _pod_templates(doc: dict) -> list[dict]:
         ("image.pullPolicy=Sometimes", "value must be one of"),
         ("serving.unknownField=1", "additional properties"),
         ("ray.version=latest", "pattern"),
+        # the free-form blocks' schemas come from the pydantic models (deploy/helm/generate.py)
+        ("serving.settings.max_imagez=3", "additional properties 'max_imagez'"),
+        ("serving.settings.max_images=99", "maximum"),
+        ("training.job.manifest.job=pets", "missing properties 'base_model'"),
     ],
 )
 def test_values_schema_rejects_bad_values(setting, message):
@@ -204,3 +208,23 @@ def test_dockerfiles_pass_hadolint():
     for path in dockerfiles:
         text = path.read_text()
         assert "FROM rayproject/ray:2.60.0-py311-" in text and "USER 1000" in text
+
+
+def test_generated_chart_parts_match_the_models():
+    """values.schema.json's serving.settings and training.job.manifest, and README.md's values table,
+    are what deploy/helm/generate.py makes from the pydantic models and values.yaml now."""
+    result = subprocess.run([sys.executable, str(ROOT / "deploy" / "helm" / "generate.py"), "--check"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    readme = (CHART / "README.md").read_text()
+    for key in ("serving.settings", "training.job.manifest", "objectStorage.existingSecret"):
+        assert f"| `{key}` |" in readme
+
+
+def test_a_valid_manifest_in_values_passes_the_chart_schema(tmp_path):
+    manifest = {"job": "pets", "base_model": "s3://m/sd15/", "registry": "s3://c/r", "checkpoint_storage": "s3://c/k",
+                "recipe": "sd15-object", "concepts": [{"name": "my-dog", "images": "s3://p/dog/", "class_word": "dog"}]}
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"training": {"job": {"enabled": True, "manifest": manifest}}}))
+    result = helm("helm4", "template", "rel", str(CHART), "-f", str(values))
+    assert result.returncode == 0, result.stderr
