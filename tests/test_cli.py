@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline.cli import main
+from pipeline.engine.config import InversionConfig
 from pipeline.engine.formats import LearnedConcept, load_concept_file, save_concept
 
 from .conftest import DIM
@@ -156,3 +157,32 @@ def test_console_script_help():
         assert words in result.stdout
     top = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
     assert all(c in top for c in ("train", "generate", "tiny-model", "convert", "example-images"))
+
+
+def test_train_from_a_recipe_records_it_and_publishes_it(tiny_model_dir, star_dir, tmp_path, capsys):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("# a tiny recipe\nsteps: 4\nbatch_size: 2\naverage_decay: 0.9\nedit_consistency: 0.1\n"
+                      "edit_words: [green]\n")  # fmt: skip
+    out, registry = tmp_path / "run", tmp_path / "registry"
+    args = ["train", "--images", str(star_dir), "--base-model", str(tiny_model_dir), "--out", str(out), "--name",
+            "star", "--recipe", str(recipe), "--class-word", "shape", "--steps", "3", "--validation-steps", "2",
+            "--quiet", "--publish", "--registry", str(registry)]  # fmt: skip
+    assert main(args) == 0
+    config = json.loads((out / "concept.json").read_text())["config"]
+    assert set(config) == set(InversionConfig.model_fields)  # every field, resolved
+    assert (config["recipe"], config["steps"], config["average_decay"]) == (str(recipe), 3, 0.9)  # a flag won
+    assert (config["init_word"], config["edit_reference_words"]) == ("shape", ["circle", "square", "triangle", "ring"])
+    capsys.readouterr()
+    assert main(["registry", "show", "star", "--registry", str(registry)]) == 0
+    assert json.loads(capsys.readouterr().out)["config"] == config  # the registry manifest records it too
+
+
+def test_recipes_lists_and_shows_the_shipped_recipes(capsys):
+    assert main(["recipes"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("shapesworld", "sd15-object", "sd15-style"))
+    assert main(["recipes", "sd15-style"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("# sd15-style") and "templates: style" in shown
+    assert main(["recipes", "nope"]) == 2
+    assert "recipe 'nope': not a shipped recipe" in capsys.readouterr().err
