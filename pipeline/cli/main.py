@@ -280,7 +280,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from pipeline.store.registry import ConceptNotFoundError
 
     try:
-        options = GenerationOptions(prompt=args.prompt, **given_values(args, GenerationOptions))
+        options = GenerationOptions(**given_values(args, GenerationOptions))  # the prompt included
     except ValidationError as err:
         raise ConfigError(describe_validation_error(err, "options")) from None
     for side in ("width", "height"):
