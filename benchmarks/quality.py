@@ -229,12 +229,14 @@ def main() -> None:
     parser.add_argument("--no-composition", dest="composition", action="store_false",
                         help="skip learning the colour concept and scoring compositions")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (scores differ from CPU's only by sampling)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads; two processes of one thread each (other --first-seed) use 2 cores best")
     args = parser.parse_args()
     if not 1 <= args.samples <= 100:
         parser.error(f"--samples must be 1-100 (each training seed has 100 noise seeds), got {args.samples}")
     if args.first_seed < 0 or args.seeds < 1 or args.first_seed + args.seeds > 10:
         parser.error("seeds must lie in 0-9 (seed 10's noise window would be seed 0's composition window)")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     base = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr}
     for item in args.set:
