@@ -2,7 +2,8 @@
 
     oneword tiny-model OUT                      build the offline test model
     oneword example-images OUT                  draw a few images of a shape concept
-    oneword train --images DIR --name NAME --init-word WORD --base-model PATH --out DIR
+    oneword train --recipe NAME --class-word WORD --images DIR --name NAME --base-model PATH --out DIR
+    oneword recipes [NAME]                      list the shipped training recipes, or show one
     oneword generate --base-model PATH --concept FILE "a photo of <NAME>" --out img.png
     oneword convert FILE --to a1111|diffusers --out FILE
     oneword registry ls|show|rm|import|export|gc ...   browse and manage the concept registry
