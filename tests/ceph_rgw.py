@@ -108,7 +108,7 @@ class CephRGW:
 
     @property
     def env(self) -> dict[str, str]:
-        """The oneword settings (pipeline.storage.S3Settings) that reach this server."""
+        """The oneword settings (pipeline.store.storage.S3Settings) that reach this server."""
         return {
             "ONEWORD_S3_ENDPOINT": f"http://{self.endpoint}",
             "ONEWORD_S3_ACCESS_KEY": ACCESS_KEY,

@@ -38,7 +38,7 @@ class LearnedConcept:
 
     name: str
     vectors: torch.Tensor  # [n, dim], float32
-    base_model: str | None = None  # text-encoder identity, see pipeline.model.text_encoder_identity
+    base_model: str | None = None  # text-encoder identity, see pipeline.engine.model.text_encoder_identity
     steps: int | None = None
     final_loss: float | None = None
     config: dict[str, Any] | None = None

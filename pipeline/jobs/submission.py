@@ -1,6 +1,6 @@
 """Getting a bulk job onto Ray, watching it, stopping it.
 
-Three ways in, one driver (``pipeline.bulk_training.run_job``):
+Three ways in, one driver (``pipeline.jobs.ray_train.run_job``):
 
 - no address: an embedded local Ray instance in this process (the single-developer default);
 - ``http://HEAD:8265``: the Ray Jobs API; the driver runs on the cluster as the entrypoint

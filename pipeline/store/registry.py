@@ -62,7 +62,7 @@ class Manifest(BaseModel):
     placeholder: str
     num_vectors: int
     dim: int
-    base_model: str | None  # text-encoder identity (pipeline.model.text_encoder_identity)
+    base_model: str | None  # text-encoder identity (pipeline.engine.model.text_encoder_identity)
     config: dict[str, Any] | None = None  # the training config, as a plain mapping
     metrics: dict[str, float] = {}
     steps: int | None = None
