@@ -218,10 +218,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--samples", type=int, default=8, help="images per prompt (at most 100)")
-    parser.add_argument("--world", choices=list(WORLDS), default="a",
-                        help="a: the bundled model; b: the generalisation check's second world, from --world-dir")
-    parser.add_argument("--world-dir", type=Path, default=Path("shapesworld-b"),
-                        help="folder with model/ and oracle.safetensors of world b (see CONCEPTS_B)")
+    parser.add_argument(
+        "--world",
+        choices=list(WORLDS),
+        default="a",
+        help="a: the bundled model; b: the generalisation check's second world, from --world-dir",
+    )
+    parser.add_argument(
+        "--world-dir",
+        type=Path,
+        default=Path("shapesworld-b"),
+        help="folder with model/ and oracle.safetensors of world b (see CONCEPTS_B)",
+    )
     parser.add_argument("--concepts", default="", help="comma-separated subset (default: the world's four)")
     parser.add_argument("--variants", default="", help="comma-separated subset (default: all)")
     parser.add_argument("--set", action="append", default=[], help="base config override KEY=JSON (repeatable)")
@@ -229,8 +237,12 @@ def main() -> None:
     parser.add_argument("--no-composition", dest="composition", action="store_false",
                         help="skip learning the colour concept and scoring compositions")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (scores differ from CPU's only by sampling)")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch threads; two processes of one thread each (other --first-seed) use 2 cores best")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads; two processes of one thread each (other --first-seed) use 2 cores best",
+    )
     args = parser.parse_args()
     if not 1 <= args.samples <= 100:
         parser.error(f"--samples must be 1-100 (each training seed has 100 noise seeds), got {args.samples}")

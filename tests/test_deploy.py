@@ -222,8 +222,14 @@ def test_generated_chart_parts_match_the_models():
 
 
 def test_a_valid_manifest_in_values_passes_the_chart_schema(tmp_path):
-    manifest = {"job": "pets", "base_model": "s3://m/sd15/", "registry": "s3://c/r", "checkpoint_storage": "s3://c/k",
-                "recipe": "sd15-object", "concepts": [{"name": "my-dog", "images": "s3://p/dog/", "class_word": "dog"}]}
+    manifest = {
+        "job": "pets",
+        "base_model": "s3://m/sd15/",
+        "registry": "s3://c/r",
+        "checkpoint_storage": "s3://c/k",
+        "recipe": "sd15-object",
+        "concepts": [{"name": "my-dog", "images": "s3://p/dog/", "class_word": "dog"}],
+    }
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump({"training": {"job": {"enabled": True, "manifest": manifest}}}))
     result = helm("helm4", "template", "rel", str(CHART), "-f", str(values))

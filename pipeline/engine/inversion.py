@@ -22,6 +22,10 @@ state, with the optimiser's and the sampler's, makes ``state_dict()`` an exact r
 
 from __future__ import annotations
 
+import copy
+import math
+import weakref
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 from pipeline.engine.concepts import PromptEncoder, placeholder
 from pipeline.engine.config import InversionConfig
 from pipeline.engine.data import templates_for, with_image_token
-from pipeline.engine.losses import attribute_basis, extra_loss
+from pipeline.engine.losses import attribute_basis, edit_consistency_from, extra_loss, plan_edit
 from pipeline.engine.model import BaseModel
 from pipeline.errors import InputError
 
@@ -42,6 +46,9 @@ RESUMABLE_CHANGES = {"steps", "checkpoint_interval", "log_interval", "validation
                      "validation_prompts", "validation_steps"}  # fmt: skip
 
 
+_COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
+
+
 def compiled(unet: torch.nn.Module) -> torch.nn.Module:
     """The UNet through inductor, with its convolution layout optimisation off.
 
@@ -50,7 +57,13 @@ def compiled(unet: torch.nn.Module) -> torch.nn.Module:
     the learned vector's gradient; with it off the gradient matches eager (cosine 0.9999996) at
     nearly the same speed. ``benchmarks/compile_gradient_check.py`` checks both settings.
     """
-    return torch.compile(unet, dynamic=False, options={"layout_optimization": False})
+    if unet not in _COMPILED:  # one compiled UNet per model: a pack refills slots without recompiling
+        _COMPILED[unet] = torch.compile(unet, dynamic=False, options={"layout_optimization": False})
+    return _COMPILED[unet]
+
+
+class DivergedError(InputError):
+    """A concept's loss stopped being a finite number (usually: the learning rate is too high)."""
 
 
 @dataclass
@@ -170,13 +183,10 @@ class Inversion:
             table[f"{self.name}@image{i}"] = vector[None]
         return table
 
-    def predict(self, batch: Batch, vectors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def predict(self, batch: Batch, vectors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The UNet's prediction for the batch's noisy latents under its captions (with the learned
         vectors, or with the given table of concept vectors)."""
-        hidden = self.encoder.encode(batch.prompts, self.vector_table() if vectors is None else vectors)
-        noisy = self.model.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
-        dtype = self.model.dtype
-        return self.unet(noisy.to(dtype), batch.timesteps, encoder_hidden_states=hidden.to(dtype)).sample.float()
+        return predict_packed([self], [(batch, self.vector_table() if vectors is None else vectors)])[0]
 
     def target(self, batch: Batch) -> torch.Tensor:
         """What the UNet should predict: the noise, or the velocity for v-prediction models."""
@@ -190,25 +200,9 @@ class Inversion:
                           self.target(batch))  # fmt: skip
 
     def step(self) -> float:
-        """One optimiser step over ``grad_accum`` micro-batches; returns the mean diffusion loss."""
-        self._maybe_extend()
-        self.optimizer.zero_grad(set_to_none=True)
-        accum = self.config.grad_accum
-        total = 0.0
-        for _ in range(accum):
-            batch = self.sample_batch()
-            prediction = self.predict(batch)
-            loss = F.mse_loss(prediction, self.target(batch))
-            objective = loss + extra_loss(self, batch, prediction)
-            (objective / accum).backward()
-            total += loss.item() / accum
-        self.optimizer.step()
-        with torch.no_grad():
-            for average, vector in zip(self.averages, self.vectors, strict=False):
-                average.lerp_(vector, 1.0 - self.config.average_decay)
-        self.step_count += 1
-        self.last_loss = total
-        return total
+        """One optimiser step over ``grad_accum`` micro-batches; returns the mean diffusion loss.
+        A pack of one: ``packed_step`` is the only step there is."""
+        return packed_step([self])[0]
 
     # --- results and evaluation -------------------------------------------------------------------
 
@@ -293,8 +287,100 @@ class Inversion:
         )
         for vector in self.vectors[initial:]:
             self.optimizer.add_param_group({"params": [vector]})
-        self.optimizer.load_state_dict(state["optimizer"])
+        # a copy: torch's optimiser adopts same-device tensors as they are and would step them in place
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.step_count = int(state["step"])
         self.last_loss = float(state["last_loss"])
         self.generator.set_state(state["rng"])
         self._order, self._cursor = state["order"].clone(), int(state["cursor"])
+
+
+# --- the step -------------------------------------------------------------------------------------
+
+
+Part = tuple[Batch, Mapping[str, torch.Tensor]]  # a batch and the concept vectors its captions use
+
+
+def predict_packed(engines: Sequence[Inversion], parts: Sequence[Part]) -> list[torch.Tensor]:
+    """``Inversion.predict`` of several batches (of any engines of one model) in one text-encoder
+    and one UNet call: rows are independent in both, so each part's rows are what it would get alone."""
+    if not parts:
+        return []
+    first = engines[0]
+    table: dict[str, torch.Tensor] = {}
+    for _, vectors in parts:
+        for key, value in vectors.items():
+            if table.setdefault(key, value) is not value:
+                raise ValueError(f"two parts of one packed call give vectors for {key!r}")
+    prompts = [p for batch, _ in parts for p in batch.prompts]
+    joined = Batch(torch.cat([b.latents for b, _ in parts]), torch.cat([b.noise for b, _ in parts]),
+                   torch.cat([b.timesteps for b, _ in parts]), prompts)  # fmt: skip
+    hidden = first.encoder.encode(joined.prompts, table)
+    noisy = first.model.noise_scheduler.add_noise(joined.latents, joined.noise, joined.timesteps)
+    dtype = first.model.dtype
+    out = first.unet(noisy.to(dtype), joined.timesteps, encoder_hidden_states=hidden.to(dtype)).sample.float()
+    return list(out.split([len(b.prompts) for b, _ in parts]))
+
+
+def packed_step(engines: Sequence[Inversion]) -> list[float]:
+    """One optimiser step of every engine, all of their micro-batches in shared forward passes.
+
+    Each engine's loss is its own diffusion loss (plus its extra terms), so the summed objective
+    gives every engine exactly the gradient it would get alone from the same samples; each has its
+    own random stream, optimiser, learning rate and step count. An engine whose objective is not a
+    finite number is left out of the backward pass and not stepped: its loss is returned (non-finite)
+    for the caller to retire it, and the others' gradients never see it.
+    """
+    if len({e.name for e in engines}) != len(engines) or len({id(e.model) for e in engines}) != 1:
+        raise ValueError("a pack's engines share one model and have distinct names")
+    for engine in engines:
+        engine._maybe_extend()
+        engine.optimizer.zero_grad(set_to_none=True)
+    totals = [0.0] * len(engines)
+    finite = [True] * len(engines)
+    for micro in range(max(e.config.grad_accum for e in engines)):
+        active = [i for i, e in enumerate(engines) if micro < e.config.grad_accum and finite[i]]
+        if not active:
+            break
+        batches = {i: engines[i].sample_batch() for i in active}
+        plans = {i: plan_edit(engines[i], batches[i]) for i in active if engines[i].config.edit_consistency}
+        tables = {i: engines[i].vector_table() for i in active}
+        # with gradients: every batch and every edited batch; without: the edit references
+        outputs = predict_packed(engines, [(batches[i], tables[i]) for i in active]
+                                 + [(plans[i].edited, tables[i]) for i in plans])  # fmt: skip
+        predictions = dict(zip(active, outputs[: len(active)], strict=True))
+        edited = dict(zip(plans, outputs[len(active) :], strict=True))
+        with torch.no_grad():
+            references = predict_packed(
+                engines,
+                [(plan.reference_edited, plan.reference_vectors) for plan in plans.values()]
+                + [(plan.reference_plain, plan.reference_vectors) for plan in plans.values()],
+            )
+        reference_edited = dict(zip(plans, references[: len(plans)], strict=True))
+        reference_plain = dict(zip(plans, references[len(plans) :], strict=True))
+
+        objective: torch.Tensor | float = 0.0
+        for i in active:
+            engine = engines[i]
+            loss = F.mse_loss(predictions[i], engine.target(batches[i]))
+            edit = (edit_consistency_from(predictions[i], edited[i], reference_edited[i], reference_plain[i])
+                    if i in plans else None)  # fmt: skip
+            own = (loss + extra_loss(engine, edit)) / engine.config.grad_accum
+            totals[i] += loss.item() / engine.config.grad_accum
+            if not math.isfinite(own.item()):
+                finite[i], totals[i] = False, own.item()  # nan or inf: the caller retires the engine
+                continue
+            objective = objective + own
+        if isinstance(objective, torch.Tensor):
+            objective.backward()
+
+    for i, engine in enumerate(engines):
+        engine.last_loss = totals[i]
+        if not finite[i]:
+            continue
+        engine.optimizer.step()
+        with torch.no_grad():
+            for average, vector in zip(engine.averages, engine.vectors, strict=False):
+                average.lerp_(vector, 1.0 - engine.config.average_decay)
+        engine.step_count += 1
+    return totals

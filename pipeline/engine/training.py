@@ -17,6 +17,7 @@ only in what they do when a log record, a checkpoint or a validation grid is due
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -30,12 +31,15 @@ from tqdm import tqdm
 from pipeline.engine.config import InversionConfig
 from pipeline.engine.formats import LearnedConcept, save_concept
 from pipeline.engine.generation import ImageGenerator, image_grid
-from pipeline.engine.inversion import Inversion
+from pipeline.engine.inversion import DivergedError, Inversion
 from pipeline.engine.model import BaseModel
 from pipeline.errors import InputError
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 LOSS_LOG_FILENAME = "loss.jsonl"
+# Learned vectors stay near the initialiser's norm (0.86-1.16x in benchmarks/results/quality*.json); past this
+# they have run off, and the text encoder's layer norms hide it from the loss.
+RUNAWAY_NORM = 100.0
 
 
 class RunExistsError(InputError):
@@ -51,17 +55,36 @@ class Due:
     validation: bool
 
 
+def due_after(engine: Inversion) -> Due:
+    """What falls due after the engine's latest step."""
+    config, step = engine.config, engine.step_count
+    last = step == config.steps
+    return Due(log=step % config.log_interval == 0 or last,
+               checkpoint=step % config.checkpoint_interval == 0 or last,
+               validation=step % config.validation_interval == 0)  # fmt: skip
+
+
+def diverged(engine: Inversion) -> str | None:
+    """Why the engine cannot go on, or None: its loss is not a finite number, or its vectors have run
+    off to many times the initialiser's norm, where the text encoder no longer reads them as words."""
+    if not math.isfinite(engine.last_loss):
+        return f"loss became {engine.last_loss} at step {engine.step_count + 1}; lower the learning rate"
+    ratio = max(v.norm().item() for v in engine.vectors) / engine.init_embedding.norm().item()
+    if not math.isfinite(ratio) or ratio > RUNAWAY_NORM:
+        step = engine.step_count
+        return f"vectors ran off to {ratio:.3g}x the initialiser's norm at step {step}; lower the learning rate"
+    return None
+
+
 def run_steps(engine: Inversion, after_step: Callable[[Inversion, Due], None]) -> None:
     """Steps the engine from where it stands to ``config.steps``, telling ``after_step`` each time
-    which of the log record, the checkpoint and the validation grid are due."""
-    config = engine.config
-    while engine.step_count < config.steps:
+    which of the log record, the checkpoint and the validation grid are due. A pack of one: see
+    ``pipeline.engine.packing`` for many."""
+    while engine.step_count < engine.config.steps:
         engine.step()
-        step = engine.step_count
-        last = step == config.steps
-        after_step(engine, Due(log=step % config.log_interval == 0 or last,
-                               checkpoint=step % config.checkpoint_interval == 0 or last,
-                               validation=step % config.validation_interval == 0))  # fmt: skip
+        if reason := diverged(engine):
+            raise DivergedError(f"{engine.name}: {reason}")
+        after_step(engine, due_after(engine))
 
 
 def default_validation_prompts(name: str) -> list[str]:
