@@ -179,3 +179,24 @@ def test_a_pack_refuses_bad_settings(model, shape_images):
     pack = Pack(model, [request], size=2)
     with pytest.raises(InputError, match="2 slots, this pack 3"):
         Pack(model, [request], size=3).load_state_dict(pack.state_dict())
+
+
+def test_a_resubmitted_pack_keeps_running_concepts_and_retries_failed_ones(model, shape_images):
+    """``exact=False``: running concepts continue from their state, the queue is walked again."""
+    good = mixed_requests(shape_images, steps=8)[:2]
+    runaway = Request("runaway", small_config(steps=8, learning_rate=10.0), lambda: shape_images["square"])
+    requests = [good[0], runaway, good[1]]
+    states, done = [], {}
+    pack = Pack(model, requests, size=2)
+    pack.run(finished=lambda e: done.setdefault(e.name, e.learned_vectors()), checkpoint=states.append)
+    middle = next(s for s in states if any(s["slots"]))  # a checkpoint with a concept still running
+    running = {slot["name"] for slot in middle["slots"] if slot}
+
+    again, finished, failed = Pack(model, requests, size=2), {}, {}
+    again.load_state_dict(middle, exact=False)
+    again.run(finished=lambda e: finished.setdefault(e.name, e.learned_vectors()),
+              failed=lambda name, why: failed.setdefault(name, why),
+              skip=lambda name: name in done and name not in running)  # fmt: skip
+    assert set(failed) == {"runaway"} and set(finished) == running - {"runaway"}
+    for name, vectors in finished.items():
+        assert torch.allclose(vectors, done[name], atol=ATOL)

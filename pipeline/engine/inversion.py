@@ -249,7 +249,7 @@ class Inversion:
             "vectors": [v.detach().cpu().clone() for v in self.vectors],
             "averages": [v.detach().cpu().clone() for v in self.averages],
             "image_vectors": [v.detach().cpu().clone() for v in self.image_vectors],
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),  # a snapshot, not the live moments
             "rng": self.generator.get_state(),
             "order": self._order.clone(),
             "cursor": self._cursor,

@@ -60,6 +60,8 @@ class Pack:
         self.slots: list[Inversion | None] = [None] * size
         self.next = 0  # the queue position of the next concept to take a slot
         self.cancelled: set[str] = set()
+        self.started: set[str] = set()  # concepts that have had a slot in this run (never given a second)
+        self.steps_run = 0  # packed steps taken: the pack's clock for its checkpoints
 
     def active(self) -> list[Inversion]:
         return [engine for engine in self.slots if engine is not None]
@@ -77,39 +79,46 @@ class Pack:
         failed: Callable[[str, str], None] = _ignore,
         after_step: Callable[[Inversion, Due], None] = _ignore,
         checkpoint: Callable[[dict[str, Any]], None] = _ignore,
+        skip: Callable[[str], bool] = lambda name: False,
     ) -> None:
         """Trains until the queue is empty and every slot has finished or failed.
 
         ``after_step(engine, due)`` runs for each concept after each step, as in ``run_steps``;
         ``finished(engine)`` when a concept reaches its steps (before its slot is refilled);
-        ``failed(name, reason)`` when one leaves early; ``checkpoint(state)`` whenever a concept's
-        checkpoint is due or a slot has been vacated.
+        ``failed(name, reason)`` when one leaves early; ``skip(name)``, when a concept's turn for a
+        slot comes, may pass it over (a bulk job's concept already published).
+
+        ``checkpoint(state)`` runs on the pack's own clock: every ``checkpoint_interval`` packed
+        steps (the smallest of the running concepts'), so a concept loses at most its own interval
+        to an interruption, and once more when the pack has finished. A concept finished since the
+        last checkpoint is trained again from it after an interruption: ``finished`` must be
+        idempotent (a bulk job looks its concept up in the registry before publishing).
         """
         while True:
-            self._fill(failed)
+            self._fill(failed, skip)
             engines = self.active()
             if not engines:
+                checkpoint(self.state_dict())
                 return
+            interval = min(engine.config.checkpoint_interval for engine in engines)
             packed_step(engines)
-            changed = False
+            self.steps_run += 1
             for slot, engine in enumerate(self.slots):
                 if engine is None:
                     continue
                 reason = "cancelled" if engine.name in self.cancelled else diverged(engine)
-                if reason is None:
-                    due = due_after(engine)
-                    after_step(engine, due)
-                    changed |= due.checkpoint
-                    if engine.step_count >= engine.config.steps:
-                        finished(engine)
-                        self.slots[slot], changed = None, True
+                if reason is not None:
+                    self.slots[slot] = None
+                    failed(engine.name, reason)
                     continue
-                self.slots[slot], changed = None, True
-                failed(engine.name, reason)
-            if changed:
+                after_step(engine, due_after(engine))
+                if engine.step_count >= engine.config.steps:
+                    finished(engine)
+                    self.slots[slot] = None
+            if self.steps_run % interval == 0:
                 checkpoint(self.state_dict())
 
-    def _fill(self, failed: Callable[[str, str], None]) -> None:
+    def _fill(self, failed: Callable[[str, str], None], skip: Callable[[str], bool]) -> None:
         """Gives every empty slot the next waiting concept that can start."""
         for slot in range(self.size):
             while self.slots[slot] is None and self.next < len(self.queue):
@@ -118,6 +127,9 @@ class Pack:
                 if request.name in self.cancelled:
                     failed(request.name, "cancelled")
                     continue
+                if request.name in self.started or skip(request.name):
+                    continue
+                self.started.add(request.name)
                 try:
                     self.slots[slot] = Inversion(self.model, request.images(), request.config, request.name)
                 except InputError as err:
@@ -128,12 +140,17 @@ class Pack:
         return {
             "format": PACK_STATE_FORMAT,
             "next": self.next,
+            "steps_run": self.steps_run,
             "slots": [engine.state_dict() if engine else None for engine in self.slots],
             "cancelled": sorted(self.cancelled),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores a ``state_dict()`` of a pack of the same size over the same queue."""
+    def load_state_dict(self, state: dict[str, Any], exact: bool = True) -> None:
+        """Restores a ``state_dict()`` of a pack of the same size over the same queue.
+
+        ``exact``: continue exactly where it stood (a restarted worker). Otherwise only the running
+        concepts are restored and the queue is walked again from its start (a resubmitted job:
+        what finished is passed over by ``skip``, what failed gets another try)."""
         if state.get("format") != PACK_STATE_FORMAT:
             raise InputError(f"unsupported pack checkpoint format {state.get('format')!r}")
         if len(state["slots"]) != self.size:
@@ -150,4 +167,7 @@ class Pack:
             engine = Inversion(self.model, request.images(), request.config, request.name)
             engine.load_state_dict(entry)
             slots.append(engine)
-        self.slots, self.next, self.cancelled = slots, int(state["next"]), set(state["cancelled"])
+        self.slots = slots
+        self.started = {engine.name for engine in slots if engine is not None}
+        if exact:
+            self.next, self.cancelled, self.steps_run = int(state["next"]), set(state["cancelled"]), state["steps_run"]

@@ -1,4 +1,4 @@
-"""Bulk concept jobs on Ray Train: one ``TorchTrainer`` run per concept, many at once.
+"""Bulk concept jobs on Ray Train: one ``TorchTrainer`` run per concept (or per pack), many at once.
 
     run_job(spec)                            the driver: up to max_concurrent concepts at a time
       └─ train_one (a Ray task per concept)  skip if this job already published it; check the
@@ -15,17 +15,32 @@ and the result is bit-identical (on CPU) to an uninterrupted run. Because run na
 deterministic, submitting the same manifest again resumes unfinished concepts from their
 checkpoints and skips the ones already published for this job.
 
+With ``pack_size`` K > 1 the unit is a pack instead (``pipeline.engine.packing``):
+
+    run_job(spec)                            the driver: up to max_concurrent packs at a time
+      └─ train_pack (a Ray task per pack)    fit(); then each concept's outcome as the worker wrote it
+           └─ TorchTrainer(pack_loop)        one model, K slots training together; a slot that
+                                             finishes publishes its concept and takes the next of
+                                             the pack's queue; the pack's whole state is the
+                                             checkpoint (run name "<job>--pack-<hash of its queue>")
+
+The queues depend only on the manifest (``pack_queues``), so a resubmitted job finds its packs'
+checkpoints; a concept this job already published is passed over when its turn for a slot comes.
+
 Progress for ``oneword status`` lives next to the checkpoints: ``<job>/status.json`` (the
-driver's view, per concept) and ``<job>/progress/<concept>.json`` (the worker's step and loss).
+driver's view, per concept) and ``<job>/progress/<concept>.json`` (the worker's step and loss,
+and the pack and slot that runs it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -35,7 +50,7 @@ from typing import Any
 import torch
 
 from pipeline.engine.data import IMAGE_SUFFIXES, load_images
-from pipeline.errors import OnewordError
+from pipeline.errors import InputError, OnewordError
 from pipeline.jobs.spec import JobSpec
 from pipeline.store.storage import (
     Result,
@@ -98,6 +113,22 @@ def fetch_images(location: str, dest: Path) -> Path:
     return dest
 
 
+def load_concept_images(spec: JobSpec, name: str, resolution: int, min_side: int) -> torch.Tensor:
+    """A concept's images, fetched and checked. ``InputError`` says what is wrong with them; an
+    unreachable object store is raised as ``StorageUnavailableError``, to be waited out."""
+    concept = next(c for c in spec.concepts if c.name == name)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = fetch_images(concept.images, Path(tmp))
+        if not folder.exists():
+            raise InputError(f"images: {concept.images}: no such folder")
+        try:
+            return load_images(folder, resolution, min_side)
+        except StorageUnavailableError:
+            raise
+        except OnewordError as err:
+            raise InputError(f"images: {err}") from None
+
+
 def job_storage(spec: JobSpec) -> Storage:
     return open_storage(spec.checkpoint_storage)
 
@@ -117,6 +148,14 @@ def read_json(storage: Storage, key: str) -> dict[str, Any] | None:
 
 def progress_key(job: str, concept: str) -> str:
     return f"{job}/progress/{concept}.json"
+
+
+def outcome_key(job: str, concept: str) -> str:
+    return f"{job}/outcomes/{concept}.json"
+
+
+def pack_key(job: str, pack: str) -> str:
+    return f"{job}/packs/{pack}.json"
 
 
 def status_key(job: str) -> str:
@@ -148,9 +187,10 @@ def train_loop(config: dict[str, Any]) -> None:
     dtype = resolve_dtype(inversion_config.precision, device)
     model = load_base_model(local_model_source(spec.base_model), device, dtype)
     resolution = inversion_config.resolution or model.resolution
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = wait_out_outage(lambda: fetch_images(concept.images, Path(tmp)), spec.storage_patience)
-        images = load_images(folder, resolution, inversion_config.min_image_side)
+    min_side = inversion_config.min_image_side
+    images = wait_out_outage(
+        lambda: load_concept_images(spec, concept.name, resolution, min_side), spec.storage_patience
+    )
     engine = Inversion(model, images, inversion_config, concept.name)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -222,24 +262,16 @@ class ConceptOutcome:
 def _check_images(spec: JobSpec, name: str) -> str | None:
     """The reason a concept cannot train (missing or invalid images), or None. An unreachable
     object store is not a reason: it is raised, to be waited out."""
-    concept = next(c for c in spec.concepts if c.name == name)
-    config = spec.config_for(concept)
+    config = spec.config_for(next(c for c in spec.concepts if c.name == name))
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = fetch_images(concept.images, Path(tmp))
-            if not folder.exists():
-                return f"images: {concept.images}: no such folder"
-            load_images(folder, config.resolution or 8, config.min_image_side or 1)
-    except StorageUnavailableError:
-        raise
-    except OnewordError as err:
-        return f"images: {err}"
+        load_concept_images(spec, name, config.resolution or 8, config.min_image_side or 1)
+    except InputError as err:
+        return str(err)
     return None
 
 
 def train_one(spec_data: dict[str, Any], name: str) -> dict[str, Any]:
     """Learns and publishes one concept (a Ray task); never raises, returns its outcome."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.engine.formats import LearnedConcept
@@ -263,38 +295,13 @@ def train_one(spec_data: dict[str, Any], name: str) -> dict[str, Any]:
         if reason is not None:
             outcome.error = reason
             return asdict(outcome)
-        storage_path, filesystem = train_storage(spec.checkpoint_storage, spec.storage_patience)
-        import ray
-
-        use_gpu = spec.resources.gpu > 0 and ray.cluster_resources().get("GPU", 0) > 0
-        resources = {"CPU": spec.resources.cpu, **({"GPU": spec.resources.gpu} if use_gpu else {})}
-        run_config = RunConfig(
-            name=spec.run_name(name),
-            storage_path=storage_path,
-            storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"spec": spec_data, "concept": name},
+            scaling_config=_scaling(spec),
+            run_config=_run_config(spec, spec.run_name(name)),
         )
-        deadline = time.monotonic() + spec.storage_patience
-        while True:
-            trainer = TorchTrainer(
-                train_loop,
-                train_loop_config={"spec": spec_data, "concept": name},
-                scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
-                run_config=run_config,
-            )
-            try:
-                result = trainer.fit()
-                break
-            except Exception as err:
-                # Ray Train's controller gives up on a failed write of its own state, whatever
-                # FailureConfig says. Wait for the store, then fit the same run again: it resumes
-                # from its last checkpoint, as a resubmitted manifest would.
-                if not _is_storage_outage(err) or time.monotonic() > deadline:
-                    raise
-                print(f"[{spec.job}] {name}: Ray Train lost the object store ({_describe_failure(err)[:200]}); "
-                      "resuming the run from its last checkpoint once the store answers", flush=True)  # fmt: skip
-                patiently(lambda: read_json(job_storage(spec), status_key(spec.job)))
+        result = _fit(spec, trainer, name, patiently)
         with result.checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
         progress = patiently(lambda: read_json(job_storage(spec), progress_key(spec.job, name))) or {}
@@ -316,6 +323,221 @@ def train_one(spec_data: dict[str, Any], name: str) -> dict[str, Any]:
         outcome.error = _describe_failure(err)
     outcome.seconds = round(time.time() - started, 1)
     return asdict(outcome)
+
+
+# --- packs: many concepts in one step (pack_size > 1) ----------------------------------------------
+
+
+def pack_queues(spec: JobSpec) -> dict[str, list[str]]:
+    """The job's concepts dealt into packs: ``{pack id: queue of concept names}``.
+
+    Concepts whose settings change the step's tensor shapes (resolution, precision) never share a
+    pack. Within such a group the concepts are dealt round-robin to as many packs as may run at
+    once (``max_concurrent``), but no more than the group fills; each pack's slots then refill from
+    its own queue. The split depends only on the manifest, and a pack's id on its queue, so a
+    resubmitted job finds each pack's checkpoints (and a changed manifest never loads another's).
+    """
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for concept in spec.concepts:
+        config = spec.config_for(concept)
+        groups.setdefault((config.resolution, config.precision), []).append(concept.name)
+    queues: dict[str, list[str]] = {}
+    for names in groups.values():
+        count = min(spec.max_concurrent, math.ceil(len(names) / spec.pack_size))
+        for i in range(count):
+            queue = names[i::count]
+            digest = hashlib.sha256(f"{spec.pack_size}:{','.join(queue)}".encode()).hexdigest()[:12]
+            queues[f"pack-{digest}"] = queue
+    return queues
+
+
+def pack_loop(config: dict[str, Any]) -> None:
+    """Runs on a pack's Ray Train worker: the pack's queue through ``K`` slots on one loaded model,
+    publishing each concept as it finishes; its state after every due checkpoint (see the module
+    docstring). Each concept's outcome is written to ``<job>/outcomes/<concept>.json``."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from pipeline.engine.formats import LearnedConcept
+    from pipeline.engine.inversion import Inversion
+    from pipeline.engine.model import load_base_model, resolve_dtype
+    from pipeline.engine.packing import Pack, Request
+    from pipeline.engine.training import Due
+    from pipeline.store.model_cache import local_model_source
+    from pipeline.store.registry import Registry
+
+    torch.set_num_threads(1)
+    spec, pack_id, queue, token = JobSpec(**config["spec"]), config["pack"], config["queue"], config["token"]
+    configs = {c.name: spec.config_for(c) for c in spec.concepts if c.name in queue}
+    images_of = {c.name: c.images for c in spec.concepts}
+    storage, registry = job_storage(spec), Registry.open(spec.registry)
+
+    def patiently(call: Callable[[], Result]) -> Result:
+        return wait_out_outage(call, spec.storage_patience, lambda line: print(f"[{spec.job}] {pack_id}: {line}"))
+
+    previous = patiently(lambda: read_json(storage, pack_key(spec.job, pack_id))) or {}
+    restarted = previous.get("token") == token  # a restart of this submission's worker, not a resubmit
+    attempt = int(previous.get("attempt", 0)) + 1 if restarted else 1
+    patiently(lambda: _write_json(storage, pack_key(spec.job, pack_id), {"token": token, "attempt": attempt}))
+
+    first = configs[queue[0]]
+    device = ray.train.torch.get_device()
+    model = load_base_model(local_model_source(spec.base_model), device, resolve_dtype(first.precision, device))
+    resolution = first.resolution or model.resolution
+
+    def images(name: str) -> Callable[[], torch.Tensor]:
+        return lambda: patiently(lambda: load_concept_images(spec, name, resolution, configs[name].min_image_side))
+
+    pack = Pack(model, [Request(name, configs[name], images(name)) for name in queue], spec.pack_size)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        pack.load_state_dict(state, exact=restarted)
+        running = ", ".join(f"{e.name} at step {e.step_count}" for e in pack.active()) or "no concept running"
+        print(f"[{spec.job}] {pack_id}: resumed at queue position {pack.next}, {running}", flush=True)
+    seen: dict[str, tuple[float, int]] = {}  # concept -> (time and step of its first step in this attempt)
+
+    def record(outcome: ConceptOutcome) -> None:
+        value = {**asdict(outcome), "token": token}
+        patiently(lambda: _write_json(storage, outcome_key(spec.job, outcome.name), value))
+
+    def progress(engine: Inversion, state: str) -> None:
+        """Best effort, as for a single concept's run."""
+        since, resumed_from = seen[engine.name]
+        done, steps = engine.step_count - resumed_from, engine.config.steps
+        eta = (time.time() - since) / done * (steps - engine.step_count) if done else None
+        record = {"concept": engine.name, "state": state, "step": engine.step_count, "steps": steps,
+                  "loss": engine.last_loss, "eta_seconds": eta, "attempt": attempt, "resumed_from": resumed_from,
+                  "pid": os.getpid(), "pack": pack_id, "slot": pack.slot_of(engine.name),
+                  "first_step_at": since, "updated_at": datetime.now(UTC).isoformat(),
+                  "trained_at": time.time() if state == "trained" else None}  # fmt: skip
+        try:
+            _write_json(storage, progress_key(spec.job, engine.name), record)
+        except StorageUnavailableError as err:
+            print(f"[{spec.job}] {engine.name}: progress not written: {err}", flush=True)
+
+    def after_step(engine: Inversion, due: Due) -> None:
+        if engine.name not in seen:
+            seen[engine.name] = (time.time(), engine.step_count - 1)
+        if due.log:
+            progress(engine, "running")
+
+    def skip(name: str) -> bool:
+        done = patiently(lambda: registry.find(name, job_id=spec.job))
+        if done is not None:
+            record(ConceptOutcome(name, "skipped", done.version, done.steps, done.metrics.get("final_loss")))
+        return done is not None
+
+    def finished(engine: Inversion) -> None:
+        trained_at = time.time()
+        learned = LearnedConcept(
+            name=engine.name,
+            vectors=engine.learned_vectors(),
+            base_model=model.identity,
+            steps=engine.step_count,
+            final_loss=engine.last_loss,
+            config={**engine.config.model_dump(mode="json"), "images": images_of[engine.name]},
+        )
+        # published already if the worker died after publishing and before the next checkpoint
+        manifest = patiently(lambda: registry.find(engine.name, job_id=spec.job)) or patiently(
+            lambda: registry.publish(learned, {"final_loss": learned.final_loss}, job_id=spec.job)
+        )
+        progress(engine, "trained")
+        since = seen.get(engine.name, (trained_at, 0))[0]
+        record(ConceptOutcome(engine.name, "published", manifest.version, learned.steps, learned.final_loss,
+                              attempts=attempt, to_first_step=round(since - config["started"], 2),
+                              to_published=round(time.time() - trained_at, 2)))  # fmt: skip
+
+    def failed(name: str, reason: str) -> None:
+        record(ConceptOutcome(name, "failed", error=reason, attempts=attempt))
+
+    def save(state: dict[str, Any]) -> None:
+        metrics = {"active": len(pack.active()), "next": pack.next, "attempt": attempt}
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state, Path(folder) / STATE_FILE)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+        # The worker's report queue holds one: this returns once the controller has taken the
+        # checkpoint, so a worker killed from here on resumes from it.
+        ray.train.report(metrics)
+
+    pack.run(finished=finished, failed=failed, after_step=after_step, checkpoint=save, skip=skip)
+
+
+def train_pack(spec_data: dict[str, Any], pack_id: str, queue: list[str]) -> list[dict[str, Any]]:
+    """Runs one pack (a Ray task); never raises, returns the outcome of every concept of its queue."""
+    from ray.train.torch import TorchTrainer
+
+    started = time.time()
+    spec = JobSpec(**spec_data)
+    token = uuid.uuid4().hex  # marks this run's outcome files apart from an earlier submission's
+
+    def patiently(call: Callable[[], Result]) -> Result:
+        return wait_out_outage(call, spec.storage_patience, lambda line: print(f"[{spec.job}] {pack_id}: {line}"))
+
+    error = None
+    try:
+        trainer = TorchTrainer(
+            pack_loop,
+            train_loop_config={"spec": spec_data, "pack": pack_id, "queue": queue, "token": token, "started": started},
+            scaling_config=_scaling(spec),
+            run_config=_run_config(spec, f"{spec.job}--{pack_id}"),
+        )
+        _fit(spec, trainer, pack_id, patiently)
+    except Exception as err:  # the pack's run failed for good: its unfinished concepts fail with it
+        error = _describe_failure(err)
+    storage = job_storage(spec)
+    outcomes = []
+    for name in queue:
+        written = patiently(lambda name=name: read_json(storage, outcome_key(spec.job, name))) or {}
+        if written.pop("token", None) == token:
+            outcomes.append(ConceptOutcome(**written))
+        else:
+            outcomes.append(ConceptOutcome(name, "failed", error=error or "the pack ended without training it"))
+        outcomes[-1].seconds = round(time.time() - started, 1)
+    return [asdict(outcome) for outcome in outcomes]
+
+
+def _scaling(spec: JobSpec):
+    """One worker with the manifest's resources (a GPU share only where the cluster has GPUs)."""
+    import ray
+    from ray.train import ScalingConfig
+
+    use_gpu = spec.resources.gpu > 0 and ray.cluster_resources().get("GPU", 0) > 0
+    resources = {"CPU": spec.resources.cpu, **({"GPU": spec.resources.gpu} if use_gpu else {})}
+    return ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def _run_config(spec: JobSpec, name: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    storage_path, filesystem = train_storage(spec.checkpoint_storage, spec.storage_patience)
+    return RunConfig(
+        name=name,
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
+        failure_config=FailureConfig(max_failures=spec.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
+    )
+
+
+def _fit(spec: JobSpec, trainer, label: str, patiently: Callable[[Callable[[], Result]], Result]):
+    """``trainer.fit()``, fitted again (resuming from its last checkpoint) after an object-store outage.
+
+    Ray Train's controller gives up on a failed write of its own state, whatever FailureConfig
+    says. Wait for the store, then fit the same run again: it resumes from its last checkpoint, as
+    a resubmitted manifest would.
+    """
+    deadline = time.monotonic() + spec.storage_patience
+    while True:
+        try:
+            return trainer.fit()
+        except Exception as err:
+            if not _is_storage_outage(err) or time.monotonic() > deadline:
+                raise
+            print(f"[{spec.job}] {label}: Ray Train lost the object store ({_describe_failure(err)[:200]}); "
+                  "resuming the run from its last checkpoint once the store answers", flush=True)  # fmt: skip
+            patiently(lambda: read_json(job_storage(spec), status_key(spec.job)))
 
 
 def _is_storage_outage(err: BaseException) -> bool:
@@ -363,21 +585,29 @@ def run_job(spec: JobSpec, submission_id: str | None = None, poll_seconds: float
     """Runs every concept of ``spec`` on the connected Ray cluster; returns when all have ended."""
     import ray
 
-    task = ray.remote(num_cpus=0, max_retries=0)(train_one)
     spec_data = spec.model_dump(mode="json")
     storage = job_storage(spec)
+    # the units the driver schedules: one concept each, or one pack each (pack_size > 1)
+    if spec.pack_size > 1:
+        task = ray.remote(num_cpus=0, max_retries=0)(train_pack)
+        units = [(queue, lambda pack_id=pack_id, queue=queue: task.remote(spec_data, pack_id, queue))
+                 for pack_id, queue in pack_queues(spec).items()]  # fmt: skip
+    else:
+        task = ray.remote(num_cpus=0, max_retries=0)(train_one)
+        units = [([c.name], lambda name=c.name: task.remote(spec_data, name)) for c in spec.concepts]
     pending = [c.name for c in spec.concepts]
-    running: dict[Any, str] = {}
+    running: dict[Any, list[str]] = {}
     outcomes: dict[str, ConceptOutcome] = {}
     started_at = datetime.now(UTC).isoformat()
 
     def write_status(state: str) -> None:
         concepts = {name: {"state": "pending"} for name in pending}
-        concepts.update({name: {"state": "running"} for name in running.values()})
+        concepts.update({name: {"state": "running"} for names in running.values() for name in names})
         concepts.update({name: asdict(o) for name, o in outcomes.items()})
+        concepts = {c.name: concepts[c.name] for c in spec.concepts if c.name in concepts}  # manifest order
         now = datetime.now(UTC).isoformat()
         record = {"job": spec.job, "state": state, "submission_id": submission_id, "started_at": started_at,
-                  "updated_at": now, "concepts": concepts}  # fmt: skip
+                  "updated_at": now, "pack_size": spec.pack_size, "concepts": concepts}  # fmt: skip
         if state != "running":  # the final word must land
             wait_out_outage(lambda: _write_json(storage, status_key(spec.job), record), spec.storage_patience)
             return
@@ -387,20 +617,24 @@ def run_job(spec: JobSpec, submission_id: str | None = None, poll_seconds: float
             print(f"[{spec.job}] status not written: {err}", flush=True)
 
     write_status("running")
-    while pending or running:
-        while pending and len(running) < spec.max_concurrent:
-            name = pending.pop(0)
-            running[task.remote(spec_data, name)] = name
+    while units or running:
+        while units and len(running) < spec.max_concurrent:
+            names, start = units.pop(0)
+            running[start()] = names
+            pending = [name for name in pending if name not in names]
         ready, _ = ray.wait(list(running), num_returns=1, timeout=poll_seconds)
         for ref in ready:
-            name = running.pop(ref)
+            names = running.pop(ref)
             try:
-                outcomes[name] = ConceptOutcome(**ray.get(ref))
+                results = ray.get(ref)
+                ended = [ConceptOutcome(**r) for r in (results if isinstance(results, list) else [results])]
             except Exception as err:  # the task itself died (its node was lost, say)
-                outcomes[name] = ConceptOutcome(name, "failed", error=_describe_failure(err))
-            print(f"[{spec.job}] {name}: {outcomes[name].state}"
-                  f"{' ' + outcomes[name].version if outcomes[name].version else ''}"
-                  f"{' (' + outcomes[name].error + ')' if outcomes[name].error else ''}", flush=True)  # fmt: skip
+                ended = [ConceptOutcome(name, "failed", error=_describe_failure(err)) for name in names]
+            for outcome in ended:
+                outcomes[outcome.name] = outcome
+                print(f"[{spec.job}] {outcome.name}: {outcome.state}"
+                      f"{' ' + outcome.version if outcome.version else ''}"
+                      f"{' (' + outcome.error + ')' if outcome.error else ''}", flush=True)  # fmt: skip
         write_status("running")
     summary = JobSummary(spec.job, [outcomes[c.name] for c in spec.concepts])
     write_status("succeeded" if summary.ok else "failed")

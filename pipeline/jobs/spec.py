@@ -6,9 +6,10 @@
     checkpoint_storage: s3://ckpt/oneword
     recipe: sd15-object                  # a shipped recipe or a YAML file; per concept too
     defaults: {steps: 2000, learning_rate: 5.0e-3}   # InversionConfig fields, over the recipe
-    resources: {gpu: 0.25, cpu: 1}       # per concept
-    max_failures: 2                      # restarts per concept after a worker dies
-    max_concurrent: 8                    # concepts running at once
+    resources: {gpu: 0.25, cpu: 1}       # per concept (per pack when pack_size > 1)
+    pack_size: 1                         # concepts trained together in one step on one model
+    max_failures: 2                      # restarts per concept (pack) after a worker dies
+    max_concurrent: 8                    # concepts (packs) running at once
     storage_patience: 600                # seconds a job waits out an unreachable object store
     concepts:
       - {name: my-dog, images: s3://photos/dog/, class_word: dog}
@@ -37,12 +38,12 @@ JOB_ID_RULE = "1-64 characters from a-z, 0-9, '-' and '_'"
 
 
 class Resources(BaseModel):
-    """What one concept's Ray Train worker asks for."""
+    """What one Ray Train worker asks for: one concept's, or one pack's when ``pack_size`` > 1."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    gpu: float = Field(0.0, ge=0, le=8, description="GPUs per concept: 1, 0.5, 0.25 ...; 0 = CPU only")
-    cpu: float = Field(1.0, gt=0, le=64, description="CPUs per concept")
+    gpu: float = Field(0.0, ge=0, le=8, description="GPUs per concept (per pack): 1, 0.5, 0.25 ...; 0 = CPU only")
+    cpu: float = Field(1.0, gt=0, le=64, description="CPUs per concept (per pack)")
 
     @field_validator("gpu")
     @classmethod
@@ -87,8 +88,15 @@ class JobSpec(BaseModel):
     checkpoint_interval: int | None = Field(
         None, ge=1, description="steps between checkpoints; a shortcut for defaults.checkpoint_interval"
     )
-    max_failures: int = Field(2, ge=0, le=100)
-    max_concurrent: int = Field(4, ge=1, le=10_000)
+    pack_size: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="concepts trained together in each step on one loaded model (1: each concept its own run); "
+        "a pack's slots refill from its queue as concepts finish",
+    )
+    max_failures: int = Field(2, ge=0, le=100, description="restarts of a concept's (pack's) run after its worker dies")
+    max_concurrent: int = Field(4, ge=1, le=10_000, description="concepts (packs, when pack_size > 1) running at once")
     keep_checkpoints: int = Field(2, ge=1, le=100)
     storage_patience: float = Field(600.0, ge=0, le=86_400, description="seconds to wait out an object-store outage")
 

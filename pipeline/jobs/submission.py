@@ -210,7 +210,7 @@ def read_status(spec: JobSpec) -> dict[str, Any]:
         }
     for name, entry in status["concepts"].items():
         progress = read_json(storage, progress_key(spec.job, name)) or {}
-        for key in ("step", "steps", "loss", "eta_seconds", "attempt"):
+        for key in ("step", "steps", "loss", "eta_seconds", "attempt", "pack", "slot"):
             if key in progress and entry.get(key) is None:
                 entry[key] = progress[key]
     return status
@@ -227,6 +227,9 @@ def format_status(status: dict[str, Any]) -> str:
         loss = f"{entry['loss']:.4f}" if isinstance(entry.get("loss"), float) and entry["loss"] == entry["loss"] else ""
         eta = f"{entry['eta_seconds']:.0f}s" if entry.get("eta_seconds") and entry["state"] == "running" else ""
         detail = entry.get("version") or entry.get("error") or ""
+        if entry["state"] == "running" and entry.get("pack"):
+            where = f"slot {entry['slot']}" if entry.get("slot") is not None else "waiting for a slot"
+            detail = f"{entry['pack']}, {where}"
         lines.append(f"{name:<24}{entry['state']:<11}{step:>12}{loss:>9}{eta:>8}{entry.get('attempt') or '':>9}  "
                      f"{detail}".rstrip())  # fmt: skip
     return "\n".join(lines)
