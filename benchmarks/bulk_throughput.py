@@ -1,4 +1,4 @@
-"""Bulk jobs: N concepts at fractional resources at once versus one after another.
+"""Bulk jobs: N concepts at fractional resources at once versus one after another, or in packs.
 
 Runs the same bulk job (N concepts of the tiny model, each ``--steps`` steps, checkpoints and
 registry in folders) on an embedded local Ray twice per repetition: sequentially
@@ -9,7 +9,12 @@ first training step (Ray Train controller and worker start, model and image load
 step to published.
 
     .venv/bin/python benchmarks/bulk_throughput.py --concepts 4 --steps 40 --reps 2
+    .venv/bin/python benchmarks/bulk_throughput.py --concepts 20 --steps 40 --packs 4,8 --reps 2
     .venv/bin/python benchmarks/bulk_throughput.py --gpu-fractions 1,0.5,0.25   # on a GPU machine
+
+With ``--packs`` the variants are concurrent x4 (today's best unpacked setting, the baseline)
+against jobs with ``pack_size`` K: two packs at once, each with half the CPUs, whose slots refill
+from their queues (pipeline.engine.packing).
 
 With ``--gpu-fractions`` each concept asks for that fraction of a GPU (and the concurrency is
 the number that fit on the machine's GPUs); results are concepts per GPU-hour. The script
@@ -33,7 +38,7 @@ from tests.netns import reexec_isolated
 
 
 def run_once(workdir: Path, model_dir: Path, images: Path, concepts: int, steps: int, concurrent: int,
-             cpu: float, gpu: float, tag: str) -> dict:  # fmt: skip
+             cpu: float, gpu: float, tag: str, pack_size: int = 1) -> dict:  # fmt: skip
     from pipeline.jobs.ray_train import run_job
     from pipeline.jobs.spec import JobSpec
 
@@ -45,6 +50,7 @@ def run_once(workdir: Path, model_dir: Path, images: Path, concepts: int, steps:
         defaults={"steps": steps, "batch_size": 2, "log_interval": 10},
         checkpoint_interval=max(steps // 2, 1),
         max_concurrent=concurrent,
+        pack_size=pack_size,
         resources={"cpu": cpu, "gpu": gpu},
         concepts=[{"name": f"c{i}", "images": str(images), "init_word": "shape"} for i in range(concepts)],
     )
@@ -69,6 +75,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--cpus", type=float, default=float(len(os.sched_getaffinity(0))), help="CPUs Ray may use")
     parser.add_argument("--gpu-fractions", default="", help="e.g. 1,0.5,0.25: measure concepts per GPU-hour")
+    parser.add_argument("--packs", default="",
+                        help="e.g. 4,8: instead of sequential, time packed jobs (pack_size K, two packs at once, "
+                        "each half the CPUs) against concurrent x4, today's best unpacked variant")  # fmt: skip
     args = parser.parse_args()
     reexec_isolated([sys.executable, *sys.argv])
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -87,27 +96,30 @@ def main() -> None:
         ray.init(num_cpus=args.cpus, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV},
                  log_to_driver=False)  # fmt: skip
         gpus = ray.cluster_resources().get("GPU", 0)
-        variants: list[tuple[str, int, float, float]] = []
+        variants: list[tuple[str, int, float, float, int]] = []  # label, concurrent, cpu, gpu, pack size
         if args.gpu_fractions:
             for fraction in (float(f) for f in args.gpu_fractions.split(",")):
                 fit = max(int(gpus / fraction), 1)
-                variants.append((f"gpu {fraction:g} x{fit}", fit, args.cpus / fit, fraction))
+                variants.append((f"gpu {fraction:g} x{fit}", fit, args.cpus / fit, fraction, 1))
+        elif args.packs:
+            variants = [("concurrent x4 (baseline)", 4, args.cpus / 4, 0.0, 1)]
+            variants += [(f"packs of {k} x2", 2, args.cpus / 2, 0.0, k) for k in map(int, args.packs.split(","))]
         else:
             n = args.concepts
-            variants = [("sequential (baseline)", 1, args.cpus, 0.0), (f"concurrent x{n}", n, args.cpus / n, 0.0)]
+            variants = [("sequential (baseline)", 1, args.cpus, 0.0, 1), (f"concurrent x{n}", n, args.cpus / n, 0.0, 1)]
         results: dict[str, list[dict]] = {label: [] for label, *_ in variants}
         for rep in range(args.reps):  # interleaved, so drift hits every variant alike
-            for label, concurrent, cpu, gpu in variants:
-                tag = f"{rep}-{label.split()[0]}-{concurrent}"
+            for label, concurrent, cpu, gpu, pack_size in variants:
+                tag = f"{rep}-{label.split()[0]}-{concurrent}-{pack_size}"
                 results[label].append(run_once(workdir, model_dir, images, args.concepts, args.steps, concurrent,
-                                               cpu, gpu, tag))  # fmt: skip
+                                               cpu, gpu, tag, pack_size))  # fmt: skip
                 print(f"rep {rep} {label}: {results[label][-1]['seconds']:.1f}s", flush=True)
         ray.shutdown()
 
     unit = "concepts/GPU-hour" if args.gpu_fractions else "concepts/hour"
     baseline = statistics.median(r["per_hour"] for r in results[variants[0][0]])
     print(f"\n{'variant':<24}{unit:>20}{'vs first':>10}{'job s':>9}{'to 1st step s':>15}{'to published s':>16}")
-    for label, _, _, gpu in variants:
+    for label, _, _, gpu, _ in variants:
         rows = results[label]
         per_hour = statistics.median(r["per_hour"] for r in rows)
         if gpu:

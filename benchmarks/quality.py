@@ -35,6 +35,7 @@ from pipeline.engine.data import load_images
 from pipeline.engine.generation import ImageGenerator
 from pipeline.engine.inversion import Inversion
 from pipeline.engine.model import load_base_model
+from pipeline.engine.packing import Pack, Request
 from pipeline.engine.recipes import load_recipe
 from pipeline.shapesworld.oracle import load_oracle
 from pipeline.shapesworld.scoring import bundled_oracle, edit_colours, score_prompt, score_subject
@@ -181,6 +182,28 @@ def for_concept(overrides: dict, colour: str | None) -> dict:
     return overrides
 
 
+def concept_config(base: dict, overrides: dict, init_word: str, colour: str, seed: int) -> InversionConfig:
+    return InversionConfig(**{**base, "init_word": init_word, **for_concept(overrides, colour), "seed": seed})
+
+
+def concept_images(out: Path, name: str, shape: str, colour: str, seed: int, resolution: int) -> torch.Tensor:
+    """The concept's five training images for a seed (written under ``out/images``)."""
+    return load_images(write_concept_images(out / "images" / name, shape, colour, count=5, seed=seed), resolution)
+
+
+def train_packed(model, concepts: list, chosen: dict[str, dict], base: dict, seed: int, out: Path) -> dict:
+    """Each variant's concepts trained together in one pack: ``{(variant, concept): engine}``."""
+    trained = {}
+    for label, overrides in chosen.items():
+        requests = [Request(name, concept_config(base, overrides, init_word, colour, seed),
+                            lambda n=name, s=shape, c=colour: concept_images(out, n, s, c, seed, model.resolution))
+                    for name, shape, colour, init_word, _ in concepts]  # fmt: skip
+        Pack(model, requests, size=len(requests)).run(
+            finished=lambda engine, label=label: trained.update({(label, engine.name): engine})
+        )
+    return trained
+
+
 def scatter(rows: list[dict], path: Path) -> None:
     """Reconstruction (x) vs editability (y), one labelled point per variant and bound."""
     size, margin = 640, 70
@@ -236,6 +259,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("quality-output"))
     parser.add_argument("--no-composition", dest="composition", action="store_false",
                         help="skip learning the colour concept and scoring compositions")  # fmt: skip
+    parser.add_argument("--packed", action="store_true",
+                        help="train each variant's concepts together in one pack (K = the world's concepts) "
+                        "instead of one after another (pipeline.engine.packing)")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (scores differ from CPU's only by sampling)")
     parser.add_argument(
         "--threads",
@@ -287,9 +313,10 @@ def main() -> None:
                     engine.step()
                 colour_vectors[label] = engine.learned_vectors()
 
+        # --packed: each variant's concepts trained together in one pack
+        trained = train_packed(model, concepts, chosen, base, seed, args.out) if args.packed else {}
         for name, shape, colour, init_word, true_word in concepts:
-            image_dir = args.out / "images" / name
-            images = load_images(write_concept_images(image_dir, shape, colour, count=5, seed=seed), model.resolution)
+            images = concept_images(args.out, name, shape, colour, seed, model.resolution)
             words = [("init word", init_word)] + ([("true word", true_word)] if true_word else [])
             for label, word in words:
                 full = f"{colour} {word}" if label == "true word" else None  # the true word names the colour too
@@ -301,11 +328,11 @@ def main() -> None:
                 records.append({"concept": name, "variant": label, "seed": seed, **scores.as_dict(),
                                 "composition": composed})  # fmt: skip
             for label, overrides in chosen.items():
-                config = InversionConfig(**{**base, "init_word": init_word, **for_concept(overrides, colour),
-                                            "seed": seed})  # fmt: skip
-                engine = Inversion(model, images, config, name)
-                for _ in range(config.steps):
-                    engine.step()
+                engine = trained.get((label, name))
+                if engine is None:
+                    engine = Inversion(model, images, concept_config(base, overrides, init_word, colour, seed), name)
+                    for _ in range(engine.config.steps):
+                        engine.step()
                 vectors = engine.learned_vectors()
                 scores = score_subject(generator, oracle, f"<{name}>", shape, colour, {name: vectors},
                                        samples=args.samples, seed=sampling_seed(seed))  # fmt: skip
@@ -322,7 +349,7 @@ def main() -> None:
                       f"recon {scores.reconstruction:.2f} edit {scores.editability:.2f} "
                       f"shape-kept {scores.edited_shape:.2f} |v|/|init| {norm:.2f}"
                       + (f" composed {composed:.2f}" if composed is not None else ""), flush=True)  # fmt: skip
-                record = {"config": base, "world": args.world, "records": records}
+                record = {"config": base, "world": args.world, "packed": args.packed, "records": records}
                 results.write_text(json.dumps(record, indent=2) + "\n")
     summarize(records, list(chosen), [c[0] for c in concepts], args.out)
     print(f"\nwrote {args.out}/results.json, table.md, scatter.png in {time.time() - started:.0f}s")
