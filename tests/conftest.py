@@ -9,6 +9,7 @@ namespace, which nothing outside can reach and from which nothing outside is rea
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -73,6 +74,14 @@ def star_images(star_dir) -> torch.Tensor:
 
 
 DIM = TINY_TEXT_CONFIG["hidden_size"]  # the tiny model's embedding width
+
+
+def roundtrip(state: dict) -> dict:
+    """Through bytes and back, as a checkpoint file would go (tensor-only loading)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
 
 
 def small_config(**overrides) -> InversionConfig:

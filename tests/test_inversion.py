@@ -1,6 +1,5 @@
 """The algorithm: it learns, it touches nothing frozen, and it resumes bit for bit."""
 
-import io
 from dataclasses import replace
 
 import pytest
@@ -12,19 +11,11 @@ from pipeline.engine.inversion import Inversion
 from pipeline.engine.model import load_base_model
 from pipeline.errors import InputError
 
-from .conftest import DIM, small_config
+from .conftest import DIM, roundtrip, small_config
 
 
 def _run(engine: Inversion, steps: int) -> list[float]:
     return [engine.step() for _ in range(steps)]
-
-
-def _roundtrip(state: dict) -> dict:
-    """Through bytes and back, as a checkpoint file would go (tensor-only loading)."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 def test_training_lowers_the_loss_against_the_init_word(model, star_images):
@@ -111,7 +102,7 @@ def test_resume_is_bit_identical(model, star_images, variant):
 
     first = Inversion(model, star_images, config, "star")
     first_losses = _run(first, 5)
-    state = _roundtrip(first.state_dict())
+    state = roundtrip(first.state_dict())
     resumed = Inversion(model, star_images, config, "star")
     resumed.load_state_dict(state)
     resumed_losses = _run(resumed, 5)

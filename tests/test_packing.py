@@ -1,7 +1,5 @@
 """Packs: concepts trained together give what they give alone, leave alone, refill, and resume exactly."""
 
-import io
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from pipeline.engine.training import run_steps
 from pipeline.errors import InputError
 from pipeline.shapesworld.world import write_concept_images
 
-from .conftest import small_config
+from .conftest import roundtrip, small_config
 
 # Packed and solo runs differ only in how many rows the UNet and the text encoder see at once,
 # which changes the order of some float32 sums (reassociation). Measured on these concepts: at
@@ -126,13 +124,6 @@ def test_a_solo_run_that_diverges_stops_with_the_reason(model, star_images):
         run_steps(engine, lambda *_: None)
 
 
-def _roundtrip(state: dict) -> dict:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
 def test_an_interrupted_pack_resumes_bit_identically(model, shape_images):
     requests = mixed_requests(shape_images, steps=7)
     requests.append(Request("square", small_config(steps=5, checkpoint_interval=2), lambda: shape_images["square"]))
@@ -144,7 +135,7 @@ def test_an_interrupted_pack_resumes_bit_identically(model, shape_images):
         pass
 
     def checkpoint(state):
-        saved.append(_roundtrip(state))
+        saved.append(roundtrip(state))
         if state["next"] == len(requests) and any(state["slots"]):
             raise WorkerKilledError  # the worker dies after a checkpoint taken once refilled slots were running
 

@@ -407,13 +407,13 @@ def pack_loop(config: dict[str, Any]) -> None:
         since, resumed_from = seen[engine.name]
         done, steps = engine.step_count - resumed_from, engine.config.steps
         eta = (time.time() - since) / done * (steps - engine.step_count) if done else None
-        record = {"concept": engine.name, "state": state, "step": engine.step_count, "steps": steps,
+        entry = {"concept": engine.name, "state": state, "step": engine.step_count, "steps": steps,
                   "loss": engine.last_loss, "eta_seconds": eta, "attempt": attempt, "resumed_from": resumed_from,
                   "pid": os.getpid(), "pack": pack_id, "slot": pack.slot_of(engine.name),
                   "first_step_at": since, "updated_at": datetime.now(UTC).isoformat(),
                   "trained_at": time.time() if state == "trained" else None}  # fmt: skip
         try:
-            _write_json(storage, progress_key(spec.job, engine.name), record)
+            _write_json(storage, progress_key(spec.job, engine.name), entry)
         except StorageUnavailableError as err:
             print(f"[{spec.job}] {engine.name}: progress not written: {err}", flush=True)
 
