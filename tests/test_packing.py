@@ -103,6 +103,20 @@ def test_a_diverging_or_broken_concept_leaves_alone(model, shape_images, tmp_pat
         assert torch.allclose(with_bad[name], vectors, atol=ATOL), name
 
 
+def test_a_concept_whose_loss_is_nan_leaves_alone(model, shape_images):
+    """Images holding a NaN make the loss NaN at the first step: that concept is not stepped and
+    leaves with the reason; the others equal a pack run without it."""
+    requests = mixed_requests(shape_images)
+    poisoned = shape_images["square"].clone()
+    poisoned[0, 0, 0, 0] = float("nan")
+    nan = Request("nan", small_config(steps=6), lambda: poisoned)
+    with_nan, failures = run_pack(model, [nan, *requests], size=3)
+    without, _ = run_pack(model, requests, size=3)
+    assert set(failures) == {"nan"} and failures["nan"].startswith("loss became nan at step 1")
+    for name, vectors in without.items():
+        assert torch.allclose(with_nan[name], vectors, atol=ATOL), name
+
+
 def test_a_cancelled_concept_leaves_and_the_rest_go_on(model, shape_images):
     requests = mixed_requests(shape_images)
     pack = Pack(model, requests, size=2)

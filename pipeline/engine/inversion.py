@@ -186,7 +186,7 @@ class Inversion:
     def predict(self, batch: Batch, vectors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The UNet's prediction for the batch's noisy latents under its captions (with the learned
         vectors, or with the given table of concept vectors)."""
-        return predict_packed([self], [(batch, self.vector_table() if vectors is None else vectors)])[0]
+        return predict_packed(self, [(batch, self.vector_table() if vectors is None else vectors)])[0]
 
     def target(self, batch: Batch) -> torch.Tensor:
         """What the UNet should predict: the noise, or the velocity for v-prediction models."""
@@ -301,12 +301,12 @@ class Inversion:
 Part = tuple[Batch, Mapping[str, torch.Tensor]]  # a batch and the concept vectors its captions use
 
 
-def predict_packed(engines: Sequence[Inversion], parts: Sequence[Part]) -> list[torch.Tensor]:
-    """``Inversion.predict`` of several batches (of any engines of one model) in one text-encoder
-    and one UNet call: rows are independent in both, so each part's rows are what it would get alone."""
+def predict_packed(first: Inversion, parts: Sequence[Part]) -> list[torch.Tensor]:
+    """``Inversion.predict`` of several batches (of any engines of ``first``'s model) in one
+    text-encoder and one UNet call: rows are independent in both, so each part's rows are what they
+    would be alone."""
     if not parts:
         return []
-    first = engines[0]
     table: dict[str, torch.Tensor] = {}
     for _, vectors in parts:
         for key, value in vectors.items():
@@ -346,13 +346,13 @@ def packed_step(engines: Sequence[Inversion]) -> list[float]:
         plans = {i: plan_edit(engines[i], batches[i]) for i in active if engines[i].config.edit_consistency}
         tables = {i: engines[i].vector_table() for i in active}
         # with gradients: every batch and every edited batch; without: the edit references
-        outputs = predict_packed(engines, [(batches[i], tables[i]) for i in active]
+        outputs = predict_packed(engines[0], [(batches[i], tables[i]) for i in active]
                                  + [(plans[i].edited, tables[i]) for i in plans])  # fmt: skip
         predictions = dict(zip(active, outputs[: len(active)], strict=True))
         edited = dict(zip(plans, outputs[len(active) :], strict=True))
         with torch.no_grad():
             references = predict_packed(
-                engines,
+                engines[0],
                 [(plan.reference_edited, plan.reference_vectors) for plan in plans.values()]
                 + [(plan.reference_plain, plan.reference_vectors) for plan in plans.values()],
             )

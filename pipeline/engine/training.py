@@ -69,7 +69,7 @@ def diverged(engine: Inversion) -> str | None:
     off to many times the initialiser's norm, where the text encoder no longer reads them as words."""
     if not math.isfinite(engine.last_loss):
         return f"loss became {engine.last_loss} at step {engine.step_count + 1}; lower the learning rate"
-    ratio = max(v.norm().item() for v in engine.vectors) / engine.init_embedding.norm().item()
+    ratio = (torch.stack(engine.vectors).norm(dim=-1).max() / engine.init_embedding.norm()).item()
     if not math.isfinite(ratio) or ratio > RUNAWAY_NORM:
         step = engine.step_count
         return f"vectors ran off to {ratio:.3g}x the initialiser's norm at step {step}; lower the learning rate"
