@@ -110,6 +110,8 @@ def recipe_variant(name: str, class_word: str = "shape") -> dict:
 def variants(steps: int, base: dict) -> dict[str, dict]:
     return {
         "recipe shapesworld": recipe_variant("shapesworld"),
+        # the same with the init word chosen from the images among the class's members (init_word_search)
+        "recipe shapesworld + init word search": {**recipe_variant("shapesworld"), "init_word_search": True},
         "1 vector": {},
         "2 vectors": {"num_vectors": 2},
         "progressive": {"progressive_steps": [steps // 3, 2 * steps // 3]},
@@ -336,7 +338,7 @@ def main() -> None:
                 vectors = engine.learned_vectors()
                 scores = score_subject(generator, oracle, f"<{name}>", shape, colour, {name: vectors},
                                        samples=args.samples, seed=sampling_seed(seed))  # fmt: skip
-                norm = vectors.norm(dim=-1).mean().item() / engine.init_embedding.norm().item()
+                norm = vectors.norm(dim=-1).mean().item() / engine.init_rows.norm(dim=-1).mean().item()
                 composed = None
                 if args.composition:
                     both = {name: vectors, COLOUR_CONCEPT[0]: colour_vectors[label]}

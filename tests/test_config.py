@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.engine.config import ConfigError, InversionConfig, class_reference_words, make_config
+from pipeline.engine.config import REFERENCE_MEMBERS, ConfigError, InversionConfig, class_members, make_config
 from pipeline.engine.recipes import load_recipe, recipe_names, resolve_config
 
 
@@ -111,7 +111,7 @@ def test_bad_recipes_name_the_recipe_and_field(tmp_path: Path):
 def test_the_class_word_gives_the_init_word_and_edit_references():
     config = make_config({"class_word": "dog", "edit_consistency": 0.5, "edit_words": ["red"]})
     assert config.init_word == "dog"
-    assert config.edit_reference_words == class_reference_words()["dog"]
+    assert config.edit_reference_words == class_members()["dog"][:REFERENCE_MEMBERS]
     assert "dog" not in config.edit_reference_words and len(config.edit_reference_words) == 4
     # explicit words win; an unlisted class falls back to the initialiser (the class word itself)
     explicit = make_config({"class_word": "dog", "init_word": "puppy", "edit_consistency": 0.5,
@@ -123,9 +123,24 @@ def test_the_class_word_gives_the_init_word_and_edit_references():
     assert make_config({"class_word": "dog"}).edit_reference_words == []
     with pytest.raises(ConfigError, match="class_word: .*single word"):
         make_config({"class_word": "big dog"})
-    # every shipped class lists four members, none of them the class itself
-    for word, members in class_reference_words().items():
-        assert len(members) == 4 and word not in members and word == word.lower(), word
+    # every shipped class lists at least six distinct single-word members, none of them the class itself
+    for word, members in class_members().items():
+        assert len(set(members)) == len(members) >= 6 and word not in members and word == word.lower(), word
+        assert all(len(m.split()) == 1 for m in members), word
+
+
+def test_init_word_search_needs_candidates_and_records_nothing_of_them_unless_on():
+    config = make_config({"class_word": "dog", "init_word_search": True})
+    assert config.search_candidates() == class_members()["dog"]
+    own = make_config({"init_word": "dog", "init_word_search": True,
+                       "init_word_candidates": ["poodle", "dog", "poodle"]})  # fmt: skip
+    assert own.search_candidates() == ["poodle"]  # never the init word itself, each once
+    with pytest.raises(ConfigError, match="init_word_search needs candidates"):
+        make_config({"class_word": "teapot", "init_word_search": True})
+    with pytest.raises(ConfigError, match="init_word_candidates needs init_word_search"):
+        make_config({"init_word_candidates": ["cat"]})
+    with pytest.raises(ConfigError, match="init_word_candidates: .*'golden retriever' must be a single word"):
+        make_config({"init_word_search": True, "init_word_candidates": ["golden retriever"]})
 
 
 def test_manifest_recipes_job_wide_and_per_concept():

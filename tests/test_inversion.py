@@ -306,6 +306,17 @@ def test_resume_refuses_another_concept_or_trajectory(model, star_images):
     Inversion(model, star_images, small_config(steps=99), "star").load_state_dict(state)
 
 
-def test_init_word_must_be_one_token(model, star_images):
-    with pytest.raises(InputError, match="'supercalifragilistic' is .* tokens"):
+def test_an_init_word_of_several_tokens_starts_one_vector_from_each(model, star_images):
+    rows = model.text_embeddings("supercalifragilistic")
+    assert len(rows) > 1
+    with pytest.raises(InputError, match=rf"'supercalifragilistic' is {len(rows)} tokens .* at least {len(rows)}"):
         Inversion(model, star_images, small_config(init_word="supercalifragilistic"), "star")
+    # one vector per token, progressive extension going round them again; the pull is toward each one's own row
+    config = small_config(init_word="supercalifragilistic", num_vectors=len(rows), progressive_steps=[1], steps=2,
+                          regularization_weight=1.0)  # fmt: skip
+    engine = Inversion(model, star_images, config, "star")
+    assert torch.equal(torch.stack(engine.vectors).detach(), rows)
+    assert losses.regularization(engine).item() == 0.0
+    engine.step()
+    engine._maybe_extend()  # what the next step does first: the schedule's vector
+    assert len(engine.vectors) == len(rows) + 1 and torch.equal(engine.vectors[-1].detach(), rows[0])

@@ -7,8 +7,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from pipeline.engine.config import make_config
 from pipeline.engine.data import load_images
 from pipeline.engine.generation import ImageGenerator
+from pipeline.engine.init_words import MARGIN
 from pipeline.engine.inversion import Inversion
 from pipeline.engine.model import load_base_model
 from pipeline.engine.recipes import resolve_config
@@ -92,3 +94,34 @@ def test_the_engine_learns_a_named_shape(shapesworld, tmp_path):
     assert learned.edited_shape >= 0.9, learned
     assert learned.editability >= 2 * init.editability, (learned, init)
     assert learned.editability > 0
+
+
+def test_init_word_search_finds_the_models_word_for_the_images(shapesworld, tmp_path):
+    """Among the class word and candidates, the word whose prompt denoises the images clearly better
+    wins; a word of two tokens starts two vectors; the recorded config reproduces the run."""
+    star = load_images(write_concept_images(tmp_path / "star", "star", "yellow", count=5, seed=0),
+                       shapesworld.resolution)  # fmt: skip
+    search = {"class_word": "shape", "init_word_search": True, "steps": 2, "seed": 0}
+    engine = Inversion(shapesworld, star, make_config({**search, "init_word_candidates": ["circle", "star"]}), "s")
+    result = engine.init_search
+    assert (result.baseline, result.chosen) == ("shape", "star") and result.margin >= MARGIN
+    assert result.losses["star"] < result.losses["shape"] and set(result.losses) == {"shape", "circle", "star"}
+    assert (engine.config.init_word, engine.config.init_word_search, engine.config.init_word_candidates) == (
+        "star",
+        False,
+        [],
+    )
+    assert torch.equal(engine.vectors[0].detach(), shapesworld.text_embeddings("star")[0])
+    # the resolved config, trained again without a search, is the same run
+    again = Inversion(shapesworld, star, engine.config, "s")
+    engine.step(), again.step()
+    assert torch.equal(engine.learned_vectors(), again.learned_vectors())
+    # "hourglass" is two tokens ("hour", "glass"): the word gets two vectors, one from each
+    hourglass = load_images(write_concept_images(tmp_path / "hg", "hourglass", "green", count=5, seed=0),
+                            shapesworld.resolution)  # fmt: skip
+    engine = Inversion(shapesworld, hourglass, make_config({**search, "init_word_candidates": ["hourglass"]}), "h")
+    assert (engine.config.init_word, engine.config.num_vectors) == ("hourglass", 2)
+    assert torch.equal(torch.stack(engine.vectors).detach(), shapesworld.text_embeddings("hourglass"))
+    # a candidate that is no better than the class word leaves it in place
+    engine = Inversion(shapesworld, star, make_config({**search, "init_word_candidates": ["circle"]}), "c")
+    assert engine.init_search.chosen == "shape" and engine.config.init_word == "shape"

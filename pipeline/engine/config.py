@@ -26,10 +26,14 @@ class ConfigError(InputError):
     """A configuration that cannot be used; the message names the source and the field."""
 
 
+REFERENCE_MEMBERS = 4  # a class's first members serve as edit consistency's reference words
+
+
 @cache
-def class_reference_words() -> dict[str, list[str]]:
+def class_members() -> dict[str, list[str]]:
     """The shipped per-class word lists (``pipeline/assets/class-words.yaml``): for a class word,
-    common members of the class that prompts already control, used as edit-consistency references."""
+    common members of the class that prompts already control. The first ``REFERENCE_MEMBERS`` are
+    edit consistency's references; all of them are ``init_word_search``'s candidates."""
     text = resources.files("pipeline").joinpath("assets", "class-words.yaml").read_text()
     return {str(k): [str(w) for w in v] for k, v in yaml.safe_load(text).items()}
 
@@ -121,7 +125,22 @@ class InversionConfig(BaseModel):
     )
     flip_prob: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip")
     init_word: str = Field(
-        "object", min_length=1, description="a single-token word the vectors start from (default: the class word)"
+        "object",
+        min_length=1,
+        description="the word the vectors start from (default: the class word); a word of several tokens "
+        "starts that many vectors, so num_vectors must be at least its token count",
+    )
+    init_word_search: bool = Field(
+        False,
+        description="choose the init word by the concept's images: among init_word and the candidates "
+        "(init_word_candidates, else the class's members from the shipped word list), the word whose "
+        "prompt 'a photo of a {word}' denoises the images clearly better than init_word's, if any. The "
+        "chosen word is recorded as init_word (num_vectors raised to its token count) with the search off",
+    )
+    init_word_candidates: list[str] = Field(
+        default_factory=list,
+        description="words init_word_search chooses among, besides init_word (default: the class's "
+        "members from the shipped word list), e.g. ['poodle', 'terrier']",
     )
     seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of every random draw (images, captions, noise)")
     precision: Precision = Field("auto", description="auto: bf16 on GPUs that support it, else fp32")
@@ -150,7 +169,8 @@ class InversionConfig(BaseModel):
         data = dict(data)
         data.setdefault("init_word", data["class_word"])
         if data.get("edit_consistency") and not data.get("edit_reference_words"):
-            data["edit_reference_words"] = class_reference_words().get(data["class_word"].lower(), [])
+            members = class_members().get(data["class_word"].lower(), [])
+            data["edit_reference_words"] = members[:REFERENCE_MEMBERS]
         return data
 
     @field_validator("templates", mode="before")
@@ -182,13 +202,16 @@ class InversionConfig(BaseModel):
                     raise ValueError(f"template {t!r} must contain '{{}}' exactly once")
         return templates
 
-    @field_validator("known_attributes", "edit_words", "edit_reference_words")
+    @field_validator("known_attributes", "edit_words", "edit_reference_words", "init_word_candidates")
     @classmethod
     def _plain_words(cls, words: list[str], info: ValidationInfo) -> list[str]:
         what = info.field_name.replace("_", " ").removesuffix("s")  # 'known attribute', 'edit word', ..
-        if len(words) > 8:
-            raise ValueError(f"at most 8 {what}s, got {len(words)}")
+        limit = 32 if info.field_name == "init_word_candidates" else 8
+        if len(words) > limit:
+            raise ValueError(f"at most {limit} {what}s, got {len(words)}")
         for word in words:
+            if info.field_name == "init_word_candidates" and len(word.split()) != 1:
+                raise ValueError(f"init word candidate {word!r} must be a single word: it may become init_word")
             if not ATTRIBUTE_PATTERN.fullmatch(word):
                 raise ValueError(f"{what} {word!r} must be 1-40 letters, digits, spaces, hyphens or apostrophes")
         return words
@@ -224,6 +247,23 @@ class InversionConfig(BaseModel):
         if self.edit_reference_words and not self.edit_consistency:
             raise ValueError("edit_reference_words needs edit_consistency: the loss that uses them")
         return self
+
+    @model_validator(mode="after")
+    def _search_has_candidates(self) -> InversionConfig:
+        if self.init_word_candidates and not self.init_word_search:
+            raise ValueError("init_word_candidates needs init_word_search: the search that chooses among them")
+        if self.init_word_search and not (self.init_word_candidates or self.search_candidates()):
+            raise ValueError(
+                "init_word_search needs candidates: a class_word listed in the shipped word list, "
+                "or init_word_candidates"
+            )
+        return self
+
+    def search_candidates(self) -> list[str]:
+        """The words ``init_word_search`` compares with ``init_word``: the given candidates, else the
+        class's members; never ``init_word`` itself, each once."""
+        words = self.init_word_candidates or class_members().get((self.class_word or "").lower(), [])
+        return [w for w in dict.fromkeys(words) if w.lower() != self.init_word.lower()]
 
     @property
     def effective_learning_rate(self) -> float:

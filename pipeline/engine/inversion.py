@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from pipeline.engine.concepts import PromptEncoder, placeholder
 from pipeline.engine.config import InversionConfig
 from pipeline.engine.data import templates_for, with_image_token
+from pipeline.engine.init_words import search_init_word, with_chosen_word
 from pipeline.engine.losses import attribute_basis, edit_consistency_from, extra_loss, plan_edit
 from pipeline.engine.model import BaseModel
 from pipeline.errors import InputError
@@ -62,6 +63,18 @@ def compiled(unet: torch.nn.Module) -> torch.nn.Module:
     return _COMPILED[unet]
 
 
+def init_rows(model: BaseModel, config: InversionConfig) -> torch.Tensor:
+    """The init word's token embeddings, ``[tokens, dim]``: a word of several tokens ('hour glass')
+    starts that many vectors, one from each, so it needs at least as many vectors."""
+    rows = model.text_embeddings(config.init_word)
+    if not 1 <= len(rows) <= config.num_vectors:
+        raise InputError(
+            f"init_word {config.init_word!r} is {len(rows)} tokens for this tokenizer but the word starts with "
+            f"{config.num_vectors} vector(s): set num_vectors to at least {len(rows)}, or choose another word"
+        )
+    return rows
+
+
 class DivergedError(InputError):
     """A concept's loss stopped being a finite number (usually: the learning rate is too high)."""
 
@@ -86,17 +99,22 @@ class Inversion:
         self.encoder = PromptEncoder(model.tokenizer, model.text_encoder)
         self.unet = compiled(model.unet) if config.compile_unet else model.unet
         self.templates = templates_for(config.templates)
-        self.init_embedding = model.token_embedding(config.init_word).to(self.device)
         self.attribute_basis = (attribute_basis(model, config.known_attributes)
                                 if config.known_attribute_pull else None)  # fmt: skip
         self.generator = torch.Generator().manual_seed(config.seed)  # every random draw, on CPU
         self.num_images = images.shape[0]
         self.latent_mean, self.latent_std = self._encode_latent_distributions(images)
+        # init_word_search: the run trains (and records) the config with the word it chose
+        self.init_search = search_init_word(self, config) if config.init_word_search else None
+        if self.init_search:
+            tokens = len(model.text_embeddings(self.init_search.chosen))
+            self.config = config = with_chosen_word(config, self.init_search, tokens)
+        self.init_rows = init_rows(model, config).to(self.device)
 
-        self.vectors = [self._new_vector() for _ in range(config.num_vectors)]
+        self.vectors = [self._new_vector(i) for i in range(config.num_vectors)]
         # the moving average of the vectors (``average_decay``): what is saved when it is on
         self.averages = [v.detach().clone() for v in self.vectors] if config.average_decay else []
-        self.image_vectors = [self._new_vector() for _ in range(self.num_images)] if config.per_image_tokens else []
+        self.image_vectors = [self._new_vector(0) for _ in range(self.num_images)] if config.per_image_tokens else []
         self.optimizer = torch.optim.AdamW(
             self.vectors + self.image_vectors, lr=config.effective_learning_rate, weight_decay=config.weight_decay
         )
@@ -119,13 +137,17 @@ class Inversion:
             stds.append(torch.cat([p.std for p in parts]).float())
         return torch.stack(means), torch.stack(stds)
 
-    def _new_vector(self) -> torch.nn.Parameter:
-        return torch.nn.Parameter(self.init_embedding.clone())
+    def initial_vectors(self, count: int) -> torch.Tensor:
+        """Where ``count`` vectors start: the init word's token embeddings in turn, ``[count, dim]``."""
+        return self.init_rows[torch.arange(count) % len(self.init_rows)]
+
+    def _new_vector(self, index: int) -> torch.nn.Parameter:
+        return torch.nn.Parameter(self.init_rows[index % len(self.init_rows)].clone())
 
     def _maybe_extend(self) -> None:
         """Progressive extension: append one vector (from the initialiser) at each scheduled step."""
         if self.step_count in self.config.progressive_steps:
-            vector = self._new_vector()
+            vector = self._new_vector(len(self.vectors))
             self.vectors.append(vector)
             self.optimizer.add_param_group({"params": [vector]})
             if self.config.average_decay:

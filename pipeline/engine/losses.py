@@ -4,7 +4,8 @@
 diffusion loss:
 
 - ``regularization``: the pull toward the initialiser the paper evaluates (L2, relative to the
-  initialiser's norm so one weight means the same on any model's scale);
+  initialiser's norm so one weight means the same on any model's scale; each vector toward the
+  init word's token it started from);
 - ``attribute_regularization``: the same distance measured only along the known attributes'
   embeddings (``known_attribute_pull``), so the word moves freely except toward the words it should
   leave to the prompt;
@@ -46,8 +47,9 @@ def extra_loss(engine: Inversion, edit_term: torch.Tensor | None = None) -> torc
 def regularization(engine: Inversion) -> torch.Tensor:
     """Mean squared L2 distance of the word's vectors from the initialiser embedding, relative to the
     initialiser's squared norm."""
-    distance = (torch.stack(engine.vectors) - engine.init_embedding).pow(2).sum(-1).mean()
-    return distance / engine.init_embedding.pow(2).sum()
+    vectors = torch.stack(engine.vectors)
+    distance = (vectors - engine.initial_vectors(len(vectors))).pow(2).sum(-1).mean()
+    return distance / engine.init_rows.pow(2).sum(-1).mean()
 
 
 def attribute_basis(model: BaseModel, words: list[str]) -> torch.Tensor:
@@ -60,8 +62,9 @@ def attribute_basis(model: BaseModel, words: list[str]) -> torch.Tensor:
 def attribute_regularization(engine: Inversion) -> torch.Tensor:
     """``regularization`` measured only along the known attributes' embeddings: how far the word has
     moved toward (or away from) the words it should leave to the prompt."""
-    along = (torch.stack(engine.vectors) - engine.init_embedding) @ engine.attribute_basis.T
-    return along.pow(2).sum(-1).mean() / engine.init_embedding.pow(2).sum()
+    vectors = torch.stack(engine.vectors)
+    along = (vectors - engine.initial_vectors(len(vectors))) @ engine.attribute_basis.T
+    return along.pow(2).sum(-1).mean() / engine.init_rows.pow(2).sum(-1).mean()
 
 
 @dataclass
@@ -87,7 +90,7 @@ def plan_edit(engine: Inversion, batch: Batch) -> EditPlan:
     chosen = torch.randint(len(words), (len(batch.prompts),), generator=engine.generator).tolist()
     edited = replace(batch, prompts=[p.replace(token, f"{words[i]} {token}", 1)
                                      for p, i in zip(batch.prompts, chosen, strict=True)])  # fmt: skip
-    initial = {key: engine.init_embedding.expand_as(v).detach() for key, v in engine.vector_table().items()}
+    initial = {key: engine.initial_vectors(len(v)).detach() for key, v in engine.vector_table().items()}
     references = engine.config.edit_reference_words
     if not references:
         return EditPlan(edited, edited, batch, initial)

@@ -177,7 +177,7 @@ class BaseModel:
         """The input embedding of a word that must be a single token (fp32 copy)."""
         rows = self.text_embeddings(word)
         if len(rows) != 1:
-            raise InputError(f"init_word {word!r} is {len(rows)} tokens for this tokenizer; choose a single-token word")
+            raise InputError(f"{word!r} is {len(rows)} tokens for this tokenizer, not one")
         return rows[0]
 
     def text_embeddings(self, text: str) -> torch.Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ def diverged(engine: Inversion) -> str | None:
     off to many times the initialiser's norm, where the text encoder no longer reads them as words."""
     if not math.isfinite(engine.last_loss):
         return f"loss became {engine.last_loss} at step {engine.step_count + 1}; lower the learning rate"
-    ratio = (torch.stack(engine.vectors).norm(dim=-1).max() / engine.init_embedding.norm()).item()
+    ratio = (torch.stack(engine.vectors).norm(dim=-1).max() / engine.init_rows.norm(dim=-1).max()).item()
     if not math.isfinite(ratio) or ratio > RUNAWAY_NORM:
         step = engine.step_count
         return f"vectors ran off to {ratio:.3g}x the initialiser's norm at step {step}; lower the learning rate"
@@ -143,6 +144,11 @@ def train_concept(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     engine = Inversion(model, images, config, name)
+    if engine.init_search and progress:
+        result = engine.init_search
+        print(f"init word search: {result.chosen!r}" + (f", {result.margin:.1f} standard errors better than "
+              f"{result.baseline!r}" if result.chosen != result.baseline else ", no candidate clearly better"),
+              file=sys.stderr)  # fmt: skip
     if resume and checkpoint_path.exists():
         engine.load_state_dict(load_checkpoint(checkpoint_path))
         _truncate_log(log_path, engine.step_count)
@@ -180,9 +186,10 @@ def train_concept(
         base_model=model.identity,
         steps=engine.step_count,
         final_loss=engine.last_loss,
-        config=config.model_dump(mode="json"),
+        config=engine.config.model_dump(mode="json"),
         source="oneword-train",
-        extra={"base_model_source": model.source, "init_word": config.init_word},
+        extra={"base_model_source": model.source, "init_word": engine.config.init_word}
+        | ({"init_word_search": engine.init_search.as_dict()} if engine.init_search else {}),
     )
     save_concept(concept, out_dir)
     grid = render_grid(generator or ImageGenerator(model), prompts, concept.vectors, name, config.validation_steps)

@@ -62,7 +62,9 @@ class ConceptSpec(BaseModel):
     images: str = Field(min_length=1, description="s3://bucket/prefix or a folder of images")
     recipe: str | None = Field(None, description="a shipped recipe or a YAML file (default: the job's)")
     class_word: str | None = Field(None, description="the concept's kind, e.g. dog (see InversionConfig)")
-    init_word: str | None = Field(None, description="a single-token word to start from (default: the class word)")
+    init_word: str | None = Field(
+        None, description="the word the vectors start from (default: the class word; see InversionConfig)"
+    )
     templates: Literal["object", "style"] | list[str] | None = None
     overrides: dict[str, Any] = Field(default_factory=dict, description="InversionConfig fields for this concept")
 
