@@ -176,6 +176,17 @@ def test_train_from_a_recipe_records_it_and_publishes_it(tiny_model_dir, star_di
     assert main(["registry", "show", "star", "--registry", str(registry)]) == 0
     assert json.loads(capsys.readouterr().out)["config"] == config  # the registry manifest records it too
 
+    # with the init word search: concept.json records what it compared and the word the run trained from
+    searched = tmp_path / "searched"
+    search = ["--init-word-search", "--init-word-candidate", "circle", "--init-word-candidate", "star"]
+    assert main([*args[:6], str(searched), "--name", "star", "--class-word", "shape", "--steps", "2", "--quiet",
+                 *search]) == 0  # fmt: skip
+    written = json.loads((searched / "concept.json").read_text())
+    record = written["init_word_search"]
+    assert set(record["losses"]) == {"shape", "circle", "star"} and record["baseline"] == "shape"
+    assert written["config"]["init_word"] == written["init_word"] == record["chosen"]
+    assert (written["config"]["init_word_search"], written["config"]["init_word_candidates"]) == (False, [])
+
 
 def test_recipes_lists_and_shows_the_shipped_recipes(capsys):
     assert main(["recipes"]) == 0

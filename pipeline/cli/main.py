@@ -72,6 +72,7 @@ TRAIN_ALIASES = {
     "known_attributes": ["--known-attribute"],
     "edit_words": ["--edit-word"],
     "edit_reference_words": ["--edit-reference-word"],
+    "init_word_candidates": ["--init-word-candidate"],
     "validation_prompts": ["--validation-prompt"],
     "templates": ["--template"],
 }
