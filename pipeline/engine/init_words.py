@@ -12,8 +12,10 @@ after 600 steps, while the same recipe started from the model's own word for it 
   noisy latents and timesteps for every word, so the comparison is paired;
 - the lowest-loss candidate replaces ``init_word`` only when it is *clearly* better: its per-sample
   loss differences from ``init_word``'s have a mean at least ``MARGIN`` standard errors below zero.
-  A word the model does not really know (a rare token; in ShapesWorld a word its captions never
-  used) draws a near-average image and wins, if at all, only by noise; the margin keeps it out.
+  The margin keeps out words that win by noise, but not a word the model does not know (a rare
+  token; in ShapesWorld a word its captions never used): such a word can beat a wrong class word
+  by several standard errors and still be a poor start (docs/quality.md). So the search is an
+  option, not part of a shipped recipe, until candidates are checked for that.
 
 Colour and other attribute words are not candidates: they would lower the loss by describing the
 images' colour, which is exactly what the word should leave to the prompt.
@@ -21,7 +23,7 @@ images' colour, which is exactly what the word should leave to the prompt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,7 +31,7 @@ import torch
 from pipeline.engine.config import InversionConfig, make_config
 
 if TYPE_CHECKING:
-    from pipeline.engine.inversion import Inversion
+    from pipeline.engine.inversion import Batch, Inversion
 
 SAMPLES_PER_IMAGE = 64  # (noise, timestep) draws per image: 320 paired samples for five images
 MARGIN = 3.0  # standard errors by which a candidate must beat init_word
@@ -51,14 +53,15 @@ class SearchResult:
 
 
 @torch.no_grad()
-def sample_losses(engine: Inversion, word: str, seed: int) -> torch.Tensor:
-    """Per-sample diffusion loss of ``PROMPT`` with ``word`` on the engine's images: ``[samples]``."""
-    batch = engine.evaluation_batch(seed, repeats=SAMPLES_PER_IMAGE, template=PROMPT)
+def sample_losses(engine: Inversion, batch: Batch, word: str) -> torch.Tensor:
+    """Per-sample diffusion loss of ``batch`` (captions ``PROMPT``) with ``word`` in the engine's
+    place: ``[samples]``."""
     rows = engine.model.text_embeddings(word).to(engine.device)
     losses = []
     for part in range(0, len(batch.prompts), 64):
         chunk = slice(part, part + 64)
-        piece = type(batch)(batch.latents[chunk], batch.noise[chunk], batch.timesteps[chunk], batch.prompts[chunk])
+        piece = replace(batch, latents=batch.latents[chunk], noise=batch.noise[chunk],
+                        timesteps=batch.timesteps[chunk], prompts=batch.prompts[chunk])  # fmt: skip
         error = engine.predict(piece, {engine.name: rows}) - engine.target(piece)
         losses.append(error.pow(2).flatten(1).mean(1).cpu())
     return torch.cat(losses)
@@ -66,12 +69,13 @@ def sample_losses(engine: Inversion, word: str, seed: int) -> torch.Tensor:
 
 def search_init_word(engine: Inversion, config: InversionConfig) -> SearchResult:
     """Scores ``init_word`` and every candidate on the engine's images; see the module docstring."""
-    seed = config.seed + 7919  # its own draws: the training stream is the same with or without a search
-    baseline = sample_losses(engine, config.init_word, seed)
+    # its own draws, the same for every word: the training stream is the same with or without a search
+    batch = engine.evaluation_batch(config.seed + 7919, repeats=SAMPLES_PER_IMAGE, template=PROMPT)
+    baseline = sample_losses(engine, batch, config.init_word)
     losses = {config.init_word: baseline.mean().item()}
     best, best_margin = config.init_word, 0.0
     for word in config.search_candidates():
-        scores = sample_losses(engine, word, seed)
+        scores = sample_losses(engine, batch, word)
         losses[word] = scores.mean().item()
         difference = scores - baseline
         margin = -difference.mean().item() / max(difference.std().item() / len(difference) ** 0.5, 1e-12)
