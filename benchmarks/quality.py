@@ -344,8 +344,8 @@ def main() -> None:
                     both = {name: vectors, COLOUR_CONCEPT[0]: colour_vectors[label]}
                     composed = compose(generator, oracle, f"<{COLOUR_CONCEPT[0]}> <{name}>", shape, both, args.samples,
                                        seed)  # fmt: skip
-                records.append({"concept": name, "variant": label, "seed": seed, "norm_ratio": norm,
-                                "final_loss": engine.last_loss, "composition": composed,
+                records.append({"concept": name, "variant": label, "seed": seed, "init_word": engine.config.init_word,
+                                "norm_ratio": norm, "final_loss": engine.last_loss, "composition": composed,
                                 **scores.as_dict()})  # fmt: skip
                 print(f"[{time.time() - started:6.0f}s] {name} seed {seed} {label:<18} "
                       f"recon {scores.reconstruction:.2f} edit {scores.editability:.2f} "

@@ -147,7 +147,8 @@ def train_concept(
     if engine.init_search and progress:
         result = engine.init_search
         print(f"init word search: {result.chosen!r}" + (f", {result.margin:.1f} standard errors better than "
-              f"{result.baseline!r}" if result.chosen != result.baseline else ", no candidate clearly better"),
+              f"{result.baseline!r}" if result.chosen != result.baseline else ", no candidate clearly better than it "
+              "and than chance"),
               file=sys.stderr)  # fmt: skip
     if resume and checkpoint_path.exists():
         engine.load_state_dict(load_checkpoint(checkpoint_path))
