@@ -21,7 +21,6 @@ import io
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -32,6 +31,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.engine.generation_options import GenerationOptions
+from serving.request_guard import RequestGuard, service_keys
 from serving.settings import ServeSettings
 
 api = FastAPI(
@@ -94,26 +94,33 @@ async def _validation_error(_: Request, err: RequestValidationError) -> JSONResp
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    if err.status_code == 400:  # a body FastAPI could not parse (bad encoding, nesting, huge numbers)
+        return _error_response(422, "invalid_request", "request body is not valid JSON")
     code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(err.status_code, "http_error")
     return _error_response(err.status_code, code, str(err.detail))
 
 
-@api.middleware("http")
-async def _guard(request: Request, call_next):
-    """Before any route reads anything: API key on /v1/ (401), body size (413)."""
-    from serving import request_guard  # looked up at call time, see serving/request_guard.py
-
-    if request.url.path.startswith("/v1/") and not request_guard.authorized(request.headers.get("authorization", "")):
-        return _error_response(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key>)")
-    limit = request_guard.body_too_large(request.headers.get("content-length"))
-    if limit is not None:
-        return _error_response(413, "request_too_large", f"request body over {limit} bytes")
-    return await call_next(request)
+# API keys and the body (limit, deadline) before any route: serving/request_guard.py
+api.add_middleware(RequestGuard)
 
 
 @api.exception_handler(Exception)
 async def _unexpected(_: Request, err: Exception) -> JSONResponse:
     return _error_response(500, "internal_error", "the server failed to handle this request")
+
+
+# where a concept's training images or checkpoints lie is the trainer's business, not a client's
+PRIVATE_CONFIG_FIELDS = ("images", "checkpoint_storage", "out")
+
+
+def public_summary(manifest) -> dict[str, Any]:
+    """A registry manifest as the concept API shows it: without storage locations."""
+    from pipeline.store.registry import manifest_summary
+
+    summary = manifest_summary(manifest)
+    if summary.get("config"):
+        summary["config"] = {k: v for k, v in summary["config"].items() if k not in PRIVATE_CONFIG_FIELDS}
+    return summary
 
 
 # --- the work unit that gets batched --------------------------------------------------------------
@@ -129,23 +136,38 @@ class RenderJob:
     guidance: float
     width: int
     height: int
+    abandoned: bool = False  # nobody waits for these images any more (answered, timed out, client gone)
 
     @property
     def shape(self) -> tuple[int, float, int, int]:
         return (self.steps, self.guidance, self.width, self.height)
+
+    @property
+    def pixels(self) -> int:
+        return len(self.prompts) * self.width * self.height
+
+
+def plan_calls(jobs: list[RenderJob], max_pixels: int) -> list[list[int]]:
+    """Which jobs share a pipeline call: same steps, guidance and size, and together at most
+    ``max_pixels`` (images x width x height, what a call's memory grows with). A job over the budget
+    on its own gets a call of its own."""
+    calls: list[list[int]] = []
+    open_calls: dict[tuple, tuple[list[int], int]] = {}
+    for index, job in enumerate(jobs):
+        members, pixels = open_calls.get(job.shape, ([], 0))
+        if members and pixels + job.pixels > max_pixels:
+            members, pixels = [], 0
+        if not members:
+            calls.append(members)
+        members.append(index)
+        open_calls[job.shape] = (members, pixels + job.pixels)
+    return calls
 
 
 def _encode(image, fmt: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG" if fmt == "jpeg" else "PNG", **({"quality": 95} if fmt == "jpeg" else {}))
     return buffer.getvalue()
-
-
-def _read_api_keys(settings: ServeSettings) -> list[bytes]:
-    keys = [k.strip() for k in os.environ.get(settings.api_keys_env, "").split(",") if k.strip()]
-    if settings.api_keys_file:
-        keys += [line.strip() for line in Path(settings.api_keys_file).read_text().splitlines() if line.strip()]
-    return [k.encode() for k in keys]
 
 
 @serve.deployment(name="oneword-generator")
@@ -158,9 +180,13 @@ class Generator:
         from pipeline.engine.model import default_device, load_base_model, resolve_dtype
         from pipeline.store.model_cache import local_model_source
         from pipeline.store.registry import Registry, default_registry_location
+        from serving import request_guard
         from serving.concept_cache import ConceptCache
 
         self.settings = settings if isinstance(settings, ServeSettings) else ServeSettings(**settings)
+        s = self.settings  # no keys and no allow_anonymous: refuse before the model is loaded
+        keys = service_keys(s.api_keys_env, s.api_keys_file, s.allow_anonymous)
+        request_guard.configure(self.settings.max_body_bytes, self.settings.body_timeout_s, keys)
         device = self.settings.device or default_device()
         dtype = resolve_dtype(self.settings.precision, device)
         self.model = load_base_model(local_model_source(self.settings.base_model), device, dtype)
@@ -168,9 +194,7 @@ class Generator:
         self.registry = Registry.open(self.settings.registry or default_registry_location())
         self.cache = ConceptCache(self.registry, self.settings.concept_ttl_s, self.settings.concept_cache_size,
                                   check=lambda concept: check_compatible(concept, self.model))  # fmt: skip
-        from serving import request_guard
-
-        request_guard.configure(self.settings.max_body_bytes, _read_api_keys(self.settings))
+        self.busy_since: float | None = None  # when the running pipeline call started (monotonic)
         self._render_batch.set_max_batch_size(self.settings.max_batch_size)
         self._render_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         self.ready = True
@@ -186,38 +210,39 @@ class Generator:
 
     def _resolve(self, prompt: str, negative: str, cached_only: bool = False):
         """The prompt with its concepts pinned and loaded, or (``cached_only``) None on a cache miss."""
-        from pipeline.engine.concepts import InvalidNameError
+        from pipeline.engine.concepts import PromptTooLongError
         from pipeline.engine.generation import IncompatibleConceptError
+        from pipeline.errors import InputError
         from pipeline.store.registry import ConceptNotFoundError
 
-        if len(prompt) > self.settings.max_prompt_chars:
-            raise ApiError(422, "prompt_too_long", f"prompt over {self.settings.max_prompt_chars} characters")
+        limit = self.settings.max_prompt_chars
+        for field, text in (("prompt", prompt), ("negative prompt", negative)):
+            if len(text) > limit:
+                raise ApiError(422, "prompt_too_long", f"{field} over {limit} characters")
         try:
             resolved = self.cache.resolve(prompt, negative, cached_only)
-            if resolved is None:
-                return None
-            counts = {key: v.shape[0] for key, v in resolved.vectors.items()}
-            for text in (resolved.prompt, resolved.negative):  # token limit after concept expansion
-                self.generator.encoder.tokenize(text, counts)
-            return resolved
         except ConceptNotFoundError as err:
-            names = list(self.registry.names())
             wanted = str(err).split("'")[1] if "'" in str(err) else ""
-            close = difflib.get_close_matches(wanted, names, n=3, cutoff=0.5)
-            raise ApiError(404, "concept_not_found", str(err).replace(self.registry.location, "the registry"),
-                           close_matches=close) from None  # fmt: skip
+            close = difflib.get_close_matches(wanted, list(self.registry.names()), n=3, cutoff=0.5)
+            message = str(err).replace(f"registry {self.registry.location}", "the registry")
+            raise ApiError(404, "concept_not_found", message, close_matches=close) from None
         except IncompatibleConceptError as err:
             raise ApiError(409, "incompatible_concept", str(err)) from None
-        except InvalidNameError as err:
+        except InputError as err:  # a name or version that breaks the naming rule
             raise ApiError(422, "invalid_concept_name", str(err)) from None
-        except Exception as err:
-            from pipeline.engine.concepts import PromptTooLongError
+        if resolved is None:
+            return None
+        counts = {key: v.shape[0] for key, v in resolved.vectors.items()}
+        for field, text in (("prompt", resolved.prompt), ("negative prompt", resolved.negative)):
+            try:  # the token limit, after concept expansion
+                self.generator.encoder.tokenize(text, counts)
+            except PromptTooLongError as err:
+                message = f"{field} needs {err.tokens} tokens after concept expansion, the limit is {err.limit}"
+                raise ApiError(422, "prompt_too_long", message) from None
+        return resolved
 
-            if isinstance(err, PromptTooLongError):
-                raise ApiError(422, "prompt_too_long", str(err)) from None
-            raise
-
-    async def _render(self, request: GenerateRequest) -> tuple[list, int, dict[str, str], int, int]:
+    def _check_limits(self, request: GenerateRequest) -> tuple[int, int, int]:
+        """Steps, width and height of a request within the service's limits, or the error naming one."""
         s = self.settings
         if request.n > s.max_images:
             raise ApiError(422, "too_many_images", f"n {request.n}: at most {s.max_images} images per request")
@@ -225,6 +250,14 @@ class Generator:
         if steps > s.max_steps:
             raise ApiError(422, "too_many_steps", f"steps {steps}: at most {s.max_steps}")
         width, height = self._size(request.width, "width"), self._size(request.height, "height")
+        cost = width * height * steps * request.n
+        if cost > s.max_pixel_steps:
+            raise ApiError(422, "over_compute_budget", f"width x height x steps x n = {width} x {height} x {steps} "
+                           f"x {request.n} = {cost}: over the budget of {s.max_pixel_steps} per request")  # fmt: skip
+        return steps, width, height
+
+    async def _render(self, request: GenerateRequest) -> tuple[list, int, dict[str, str], int, int]:
+        steps, width, height = self._check_limits(request)
         # Concepts in the cache resolve right here; a miss asks the registry from a worker thread.
         resolved = self._resolve(request.prompt, request.negative_prompt, cached_only=True)
         if resolved is None:
@@ -233,26 +266,38 @@ class Generator:
         job = RenderJob([resolved.prompt] * request.n, [resolved.negative] * request.n,
                         [seed + i for i in range(request.n)], resolved.vectors, steps, request.guidance_scale,
                         width, height)  # fmt: skip
-        images = await self._render_batch(job)
+        try:
+            images = await asyncio.wait_for(self._render_batch(job), self.settings.request_timeout_s)
+        except TimeoutError:
+            limit = self.settings.request_timeout_s
+            message = f"not done within request_timeout_s ({limit:g} s); try fewer images, steps or pixels"
+            raise ApiError(504, "timeout", message) from None
+        finally:  # done, timed out or its client gone: its call may stop at the next step
+            job.abandoned = True
         return images, seed, resolved.versions, width, height
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _render_batch(self, jobs: list[RenderJob]) -> list[list]:
-        """One pipeline call per group of jobs with the same steps, guidance and size."""
-        groups: dict[tuple, list[int]] = {}
-        for index, job in enumerate(jobs):
-            groups.setdefault(job.shape, []).append(index)
+        """Pipeline calls for the jobs (see ``plan_calls``); a call whose jobs are all abandoned stops
+        at its next denoising step."""
         results: list[list] = [[] for _ in jobs]
-        for members in groups.values():
+        for members in plan_calls(jobs, self.settings.max_batch_pixels):
             first = jobs[members[0]]
             prompts = [p for i in members for p in jobs[i].prompts]
             negatives = [p for i in members for p in jobs[i].negatives]
             seeds = [x for i in members for x in jobs[i].seeds]
             vectors = {k: v for i in members for k, v in jobs[i].vectors.items()}
-            images = await asyncio.to_thread(
-                self.generator.generate, prompts, vectors, negative_prompts=negatives, seeds=seeds,
-                steps=first.steps, guidance_scale=first.guidance, height=first.height, width=first.width,
-            )  # fmt: skip
+            if all(jobs[i].abandoned for i in members):
+                continue
+            self.busy_since = time.monotonic()
+            try:
+                images = await asyncio.to_thread(
+                    self.generator.generate, prompts, vectors, negative_prompts=negatives, seeds=seeds,
+                    steps=first.steps, guidance_scale=first.guidance, height=first.height, width=first.width,
+                    should_stop=lambda members=members: all(jobs[i].abandoned for i in members),
+                )  # fmt: skip
+            finally:
+                self.busy_since = None
             offset = 0
             for i in members:
                 results[i] = images[offset : offset + len(jobs[i].prompts)]
@@ -277,9 +322,12 @@ class Generator:
             width, height = (int(x) for x in body.size.split("x"))
         try:
             generate = GenerateRequest(prompt=body.prompt, n=body.n, width=width, height=height)
-        except ValidationError:
-            raise ApiError(422, "invalid_size", f"size {body.size}: width and height must be multiples of 8 "
-                           f"from {self.settings.min_size} to {self.settings.max_size}") from None  # fmt: skip
+        except ValidationError as err:
+            if any(e["loc"][0] in ("width", "height") for e in err.errors()):
+                raise ApiError(422, "invalid_size", f"size {body.size}: width and height must be multiples of 8 "
+                               f"from {self.settings.min_size} to {self.settings.max_size}") from None  # fmt: skip
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            raise ApiError(422, "invalid_request", problems) from None
         images, *_ = await self._render(generate)
         data = [{"b64_json": base64.b64encode(_encode(image, "png")).decode()} for image in images]
         return {"created": int(time.time()), "data": data}
@@ -287,18 +335,17 @@ class Generator:
     @api.get("/v1/concepts")
     async def list_concepts(self, prefix: str = "", limit: int = 100, after: str | None = None):
         from pipeline.errors import InputError
-        from pipeline.store.registry import manifest_summary
 
         try:
             page = await asyncio.to_thread(self.registry.list, prefix, limit, after)
         except InputError as err:
             raise ApiError(422, "invalid_request", str(err)) from None
-        return {"concepts": [manifest_summary(m) for m in page.manifests], "next_after": page.next_after}
+        return {"concepts": [public_summary(m) for m in page.manifests], "next_after": page.next_after}
 
     @api.get("/v1/concepts/{name}")
     async def show_concept(self, name: str):
         from pipeline.engine.concepts import InvalidNameError
-        from pipeline.store.registry import ConceptNotFoundError, manifest_summary
+        from pipeline.store.registry import ConceptNotFoundError
 
         try:
             manifest = await asyncio.to_thread(self.registry.manifest, name)
@@ -308,14 +355,19 @@ class Generator:
         except ConceptNotFoundError:
             close = difflib.get_close_matches(name, list(self.registry.names()), n=3, cutoff=0.5)
             raise ApiError(404, "concept_not_found", f"no concept named {name!r}", close_matches=close) from None
-        return {"latest": manifest_summary(manifest), "versions": versions}
+        return {"latest": public_summary(manifest), "versions": versions}
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
     @api.get("/readyz")
-    async def readyz(self) -> dict[str, Any]:
+    async def readyz(self) -> Any:
+        """Ready when the model is loaded and no pipeline call has run past ``request_timeout_s``."""
+        busy = time.monotonic() - self.busy_since if self.busy_since is not None else 0.0
+        if busy > self.settings.request_timeout_s:
+            message = f"one generation has run for {busy:.0f} s, past request_timeout_s"
+            return _error_response(503, "stuck", message)
         return {"status": "ready" if self.ready else "loading", "base_model": self.model.identity}
 
     def check_health(self) -> None:

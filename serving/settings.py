@@ -28,7 +28,17 @@ class ServeSettings(BaseModel):
     max_steps: int = Field(100, ge=1, le=1000, description="denoising steps per request")
     default_steps: int = Field(25, ge=1, description="denoising steps when a request names none")
     max_prompt_chars: int = Field(2000, ge=1, description="longest prompt accepted, in characters")
-    max_body_bytes: int = Field(64 * 1024, ge=1024, description="requests larger than this get 413")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="request bodies larger than this get 413")
+    body_timeout_s: float = Field(10.0, gt=0, description="a body not received within this gets 408")
+    max_pixel_steps: int = Field(
+        512 * 512 * 50 * 8, ge=64, description="compute budget per request: width x height x steps x images"
+    )
+    max_batch_pixels: int = Field(
+        8 * 512 * 512, ge=64, description="batches never exceed this many images x width x height per pipeline call"
+    )
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="a generation not done within this gets 504 and its work stops at the next step"
+    )
 
     # concepts
     concept_ttl_s: float = Field(5.0, ge=0, description="how long 'latest' stays cached before re-resolving")
@@ -39,6 +49,10 @@ class ServeSettings(BaseModel):
         "ONEWORD_API_KEYS", description="environment variable holding comma-separated bearer tokens (unset: no keys)"
     )
     api_keys_file: str | None = Field(None, description="file with one bearer token per line")
+    allow_anonymous: bool = Field(
+        False,
+        description="serve without API keys on a non-loopback address (oneword serve on 127.0.0.1 needs no keys)",
+    )
 
     # replicas and batching
     min_replicas: int = Field(1, ge=0, description="fewest generation replicas (autoscaling)")

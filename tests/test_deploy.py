@@ -164,6 +164,19 @@ def test_security_defaults():
     assert open_ports == [{"ports": [{"port": 8000, "protocol": "TCP"}]}]
 
 
+def test_chart_never_serves_an_open_api_unless_told():
+    """Without an API key Secret the chart refuses to render; allowAnonymous renders an open service
+    and says so in the app's settings (the replica refuses to start open otherwise)."""
+    refused = helm("helm4", "template", "rel", str(CHART), "--set", "serving.apiKeysSecret=")
+    assert refused.returncode != 0 and "serving.allowAnonymous" in refused.stderr, refused.stderr
+    for sets, expected in ((("serving.apiKeysSecret=", "serving.allowAnonymous=true"), {"allow_anonymous": True}),
+                           ((), {"api_keys_file": "/etc/oneword/api-keys/keys"})):  # fmt: skip
+        [service] = [d for d in render(None, "helm4", *sets) if d["kind"] == "RayService"]
+        [app] = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+        assert expected.items() <= app["args"].items()
+        assert len({"allow_anonymous", "api_keys_file"} & set(app["args"])) == 1
+
+
 def _pod_templates(doc: dict) -> list[dict]:
     spec = doc.get("spec", {})
     cluster = (

@@ -44,7 +44,8 @@ def service(ray_head, tiny_model_dir, tmp_path_factory):
     keys.write_text(f"other-key\n{API_KEY}\n")
     settings = {"api_keys_file": str(keys), "concept_ttl_s": 1, "default_steps": STEPS, "min_size": 16,
                 "max_size": 64, "max_batch_size": 8, "batch_wait_timeout_s": 0.3, "num_cpus": 0.5,
-                "max_steps": 10, "max_body_bytes": 1024, "min_replicas": 2, "max_replicas": 2,
+                "max_steps": 20, "max_pixel_steps": 64 * 64 * 10 * 8, "max_body_bytes": 1024, "body_timeout_s": 2,
+                "min_replicas": 2, "max_replicas": 2,
                 "health_check_period_s": 1, "max_ongoing_requests": 8, "max_queued_requests": 16,
                 "retry_after_s": 3}  # fmt: skip
     command = [sys.executable, "-m", "pipeline.cli", "serve", "--base-model", str(tiny_model_dir),
@@ -67,8 +68,8 @@ def service(ray_head, tiny_model_dir, tmp_path_factory):
         time.sleep(0.5)
     wait_replicas(env, ray_head.jobs_api, 2)
     yield base, Registry.open(str(registry_dir))
-    process.terminate()
-    process.wait(timeout=30)
+    process.terminate()  # SIGTERM, as Kubernetes or systemd stop it: a clean shutdown, exit 0
+    assert process.wait(timeout=60) == 0, Path(log.name).read_text()[-3000:]
     serve_cli = os.path.join(os.path.dirname(sys.executable), "serve")
     subprocess.run([serve_cli, "shutdown", "-y", "-a", ray_head.jobs_api], env=env, capture_output=True, timeout=120)
     log.close()
@@ -208,7 +209,14 @@ def test_errors_have_status_and_stable_codes(service):
         ({**ok, "width": 128}, API_KEY, 422, "invalid_size"),
         ({**ok, "n": 9}, API_KEY, 422, "too_many_images"),
         ({**ok, "n": 0}, API_KEY, 422, "invalid_request"),
-        ({**ok, "steps": 11}, API_KEY, 422, "too_many_steps"),
+        ({**ok, "steps": 21}, API_KEY, 422, "too_many_steps"),
+        ({**ok, "width": 64, "height": 64, "steps": 20, "n": 8}, API_KEY, 422, "over_compute_budget"),
+        ({**ok, "prompt": " \t\n "}, API_KEY, 422, "invalid_request"),
+        ({**ok, "prompt": "a photo of <spotty@bad-version>"}, API_KEY, 422, "invalid_concept_name"),
+        ({**ok, "prompt": "a photo of <spotty@..>"}, API_KEY, 422, "invalid_concept_name"),
+        ({**ok, "prompt": "a photo of <spotty@.>"}, API_KEY, 422, "invalid_concept_name"),
+        ({**ok, "negative_prompt": "<spotty@..>"}, API_KEY, 422, "invalid_concept_name"),
+        ({**ok, "negative_prompt": "<spotty> " + "very " * 80}, API_KEY, 422, "prompt_too_long"),
         ({**ok, "bogus": 1}, API_KEY, 422, "invalid_request"),
         (ok, None, 401, "unauthorized"),
         (ok, "wrong-key", 401, "unauthorized"),
@@ -220,19 +228,66 @@ def test_errors_have_status_and_stable_codes(service):
         assert "Traceback" not in response.text
     close = post(base, "/v1/generate", {**ok, "prompt": "a photo of <spoty>"}).json()
     assert "spotty" in close["close_matches"]
+    assert "in the registry" in close["message"] and str(registry.location) not in close["message"]
+    negative = post(base, "/v1/generate", {**ok, "negative_prompt": "<spotty> " + "very " * 80}).json()
+    assert negative["message"].startswith("negative prompt needs")
+    openai = post(base, "/v1/images/generations", {"prompt": "<spotty@..>", "size": "32x32"})
+    assert (openai.status_code, openai.json()["code"]) == (422, "invalid_concept_name")
+    blank = post(base, "/v1/images/generations", {"prompt": "   ", "size": "32x32"})
+    assert (blank.status_code, blank.json()["code"]) == (422, "invalid_request") and "prompt" in blank.json()["message"]
+    # one code for every body that does not parse: bad JSON, bad encoding, deep nesting, huge numbers
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
-    bad_json = httpx.post(f"{base}/v1/generate", content=b"{not json", timeout=30, headers=headers)
-    assert bad_json.status_code == 422 and bad_json.json()["code"] == "invalid_request"
+    for content in (b"{not json", b'{"prompt": "\xff\xfe"}', b"[" * 1000, b'{"prompt": "x", "n": ' + b"9" * 900 + b"}"):
+        response = httpx.post(f"{base}/v1/generate", content=content, timeout=30, headers=headers)
+        assert (response.status_code, response.json()["code"]) == (422, "invalid_request"), content[:40]
+
+
+def test_bodies_are_limited_as_read_not_as_declared(service):
+    """A chunked body (no Content-Length) over max_body_bytes gets 413 as soon as it passes the
+    limit; a body that trickles in gets 408 after body_timeout_s, and the replica is free again."""
+    import socket
+
+    base, registry = service
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+
+    def chunks():  # 64 chunks of 512 bytes: far over the limit of 1024, if the server read it all
+        for _ in range(64):
+            yield b" " * 512
+
+    chunked = httpx.post(f"{base}/v1/generate", content=chunks(), timeout=30, headers=headers)
+    assert (chunked.status_code, chunked.json()["code"]) == (413, "request_too_large")
+    host, port = base.removeprefix("http://").split(":")
+    idle = []
+    for _ in range(16):  # as many as both replicas take at once: each declares 100 bytes, sends 10
+        connection = socket.create_connection((host, int(port)), timeout=30)
+        head = f"POST /v1/generate HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_KEY}\r\n"
+        connection.sendall(f'{head}Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"prompt":'.encode())
+        idle.append(connection)
+    started = time.monotonic()
+    assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200  # not held for ever behind them
+    for connection in idle:
+        answer = b""
+        while b"request_timeout" not in answer and (chunk := connection.recv(4096)):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer, answer
+        connection.close()
+    assert time.monotonic() - started < 20
+    publish(registry, "after-idle", 5)
+    assert post(base, "/v1/generate", {"prompt": "<after-idle>", "width": 16, "height": 16}).status_code == 200
 
 
 def test_concept_routes_health_and_openapi(service):
     base, registry = service
-    version = publish(registry, "listed", 3)
+    config = {"images": "s3://private-bucket/customer-42/images", "steps": 3, "learning_rate": 0.005}
+    vectors = torch.randn(1, DIM, generator=torch.Generator().manual_seed(3))
+    version = registry.publish(LearnedConcept("listed", vectors, base_model=_identity(), config=config)).version
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    shown = httpx.get(f"{base}/v1/concepts/listed", headers=headers, timeout=30).json()
-    assert shown["latest"]["version"] == version and shown["versions"] == [version]
-    listing = httpx.get(f"{base}/v1/concepts", params={"prefix": "listed"}, headers=headers, timeout=30).json()
-    assert [c["name"] for c in listing["concepts"]] == ["listed"]
+    shown = httpx.get(f"{base}/v1/concepts/listed", headers=headers, timeout=30)
+    assert shown.json()["latest"]["version"] == version and shown.json()["versions"] == [version]
+    assert shown.json()["latest"]["config"] == {"steps": 3, "learning_rate": 0.005}  # no storage locations
+    listing = httpx.get(f"{base}/v1/concepts", params={"prefix": "listed"}, headers=headers, timeout=30)
+    assert [c["name"] for c in listing.json()["concepts"]] == ["listed"]
+    assert "private-bucket" not in shown.text + listing.text
     assert httpx.get(f"{base}/v1/concepts/listd", headers=headers, timeout=30).json()["close_matches"] == ["listed"]
     assert httpx.get(f"{base}/healthz", timeout=30).json() == {"status": "ok"}
     spec = httpx.get(f"{base}/openapi.json", timeout=30).json()
@@ -353,3 +408,70 @@ def test_serve_config_file_builds_the_app_and_validates():
     assert deployment.name == "oneword-generator"
     assert deployment._deployment_config.max_ongoing_requests == application["args"]["max_ongoing_requests"]
     assert os.environ.get("ONEWORD_TEST_NETNS") == "1"
+
+
+def test_key_sources_that_hold_no_key_refuse_to_start(tmp_path, monkeypatch):
+    """A configured source without a key is an error naming it, never an open service; no source at
+    all is open only when allow_anonymous says so."""
+    from serving.request_guard import KeySourceError, read_api_keys, service_keys
+
+    monkeypatch.delenv("TEST_KEYS", raising=False)
+    empty, blank, good = tmp_path / "empty", tmp_path / "blank", tmp_path / "good"
+    empty.write_text(""), blank.write_text("  \n\t\n"), good.write_text("k1\n\n k2 \n")
+    assert read_api_keys("TEST_KEYS", str(good)) == [b"k1", b"k2"]
+    for path in (empty, blank, tmp_path / "missing"):
+        with pytest.raises(KeySourceError, match=f"api_keys_file {path}"):
+            read_api_keys("TEST_KEYS", str(path))
+    for value in ("", " , ,,"):
+        monkeypatch.setenv("TEST_KEYS", value)
+        with pytest.raises(KeySourceError, match=r"\$TEST_KEYS is set but holds no API key"):
+            read_api_keys("TEST_KEYS", None)
+    monkeypatch.setenv("TEST_KEYS", "a, b")
+    assert service_keys("TEST_KEYS", None, allow_anonymous=False) == [b"a", b"b"]
+    monkeypatch.delenv("TEST_KEYS")
+    with pytest.raises(KeySourceError, match="allow_anonymous"):
+        service_keys("TEST_KEYS", None, allow_anonymous=False)
+    assert service_keys("TEST_KEYS", None, allow_anonymous=True) == []
+
+
+def test_oneword_serve_refuses_bad_key_sources_before_starting_anything(tmp_path):
+    empty = tmp_path / "keys"
+    empty.write_text("\n")
+    env = {k: v for k, v in os.environ.items() if k != "ONEWORD_API_KEYS"}
+    for extra, message in ((["--api-keys-file", str(empty)], f"api_keys_file {empty}: holds no API key"),
+                           (["--host", "0.0.0.0"], "--host 0.0.0.0: no API keys")):  # fmt: skip
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "pipeline.cli", "serve", *extra], env=env, capture_output=True,
+                                text=True, timeout=120)  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert time.monotonic() - started < 30  # refused before Ray or the model started
+
+
+def test_batches_never_exceed_the_pixel_budget():
+    from serving.app import RenderJob, plan_calls
+
+    def job(n: int, size: int = 64, steps: int = 2) -> RenderJob:
+        return RenderJob(["p"] * n, [""] * n, list(range(n)), {}, steps, 7.5, size, size)
+
+    jobs = [job(4), job(4), job(1), job(2, size=32), job(8), job(1, steps=3), job(20)]
+    calls = plan_calls(jobs, max_pixels=9 * 64 * 64)
+    assert calls == [[0, 1, 2], [3], [4], [5], [6]]  # 4+4+1 fit; 8 more would not; 20 alone is alone
+    assert sorted(i for call in calls for i in call) == list(range(len(jobs)))
+    for call in calls:
+        assert len({jobs[i].shape for i in call}) == 1
+        assert len(call) == 1 or sum(jobs[i].pixels for i in call) <= 9 * 64 * 64
+
+
+def test_abandoned_generation_stops_at_the_next_step(tiny_model_dir):
+    """What the service does when a request times out or its client leaves: the pipeline call asks
+    after every denoising step and skips the rest once nobody waits."""
+    generator = ImageGenerator(load_base_model(tiny_model_dir, "cpu"))
+    asked = []
+
+    def should_stop() -> bool:
+        asked.append(1)
+        return len(asked) >= 2
+
+    images = generator.generate(["a photo"], {}, steps=20, height=16, width=16, should_stop=should_stop)
+    assert len(images) == 1 and images[0].size == (16, 16)
+    assert len(asked) == 2  # asked after the first and the second step, then the loop stopped asking

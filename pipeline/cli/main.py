@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -496,6 +497,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         settings = ServeSettings(**values)
     except ValidationError as err:
         raise ConfigError(describe_validation_error(err, str(args.config or "service settings"))) from None
+    from serving.request_guard import read_api_keys
+
+    # keys are checked here, before Ray starts: a bad key source is an error naming it, and an open
+    # API is only the default on a loopback address
+    if not read_api_keys(settings.api_keys_env, settings.api_keys_file):
+        if args.host in ("127.0.0.1", "localhost", "::1"):
+            settings = settings.model_copy(update={"allow_anonymous": True})
+        elif not settings.allow_anonymous:
+            raise ConfigError(f"--host {args.host}: no API keys (${settings.api_keys_env} or --api-keys-file); "
+                              "refusing to serve an open API beyond this machine (--allow-anonymous serves it "
+                              "anyway)")  # fmt: skip
+        print(f"oneword: warning: no API keys, the API is open to anyone who can reach {args.host}:{args.port}",
+              file=sys.stderr)  # fmt: skip
     import ray
     from ray import serve
 
@@ -503,10 +517,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ray.init(address=args.address, log_to_driver=False)
     else:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    print(f"oneword serving {settings.base_model} on http://{args.host}:{args.port} (API docs at /docs); "
-          "Ctrl-C stops", file=sys.stderr, flush=True)  # fmt: skip
-    serve.run(build_app(settings.model_dump()), name="oneword", route_prefix="/", blocking=True)
+
+    def stop(signum: int, frame) -> None:  # SIGTERM (Kubernetes, systemd, kill) stops like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        print(f"oneword serving {settings.base_model} on http://{args.host}:{args.port} (API docs at /docs); "
+              "Ctrl-C stops", file=sys.stderr, flush=True)  # fmt: skip
+        serve.run(build_app(settings.model_dump()), name="oneword", route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        print("oneword: stopping the service", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the shutdown short
+        if args.address:
+            serve.delete("oneword")  # the cluster and its Serve controller stay for others
+        else:
+            serve.shutdown()
+        ray.shutdown()
     return 0
 
 

@@ -9,7 +9,7 @@ generator, so an image does not depend on what else was in its batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -69,8 +69,13 @@ class ImageGenerator:
         guidance_scale: float = 7.5,
         height: int | None = None,
         width: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[Image.Image]:
-        """One image per prompt; ``seeds[i]`` makes image i reproducible on its own."""
+        """One image per prompt; ``seeds[i]`` makes image i reproducible on its own.
+
+        ``should_stop`` is asked after every denoising step; once it says yes the remaining steps
+        are skipped (diffusers' interrupt), so abandoned work frees the device within one step.
+        """
         model = self.model
         seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
         negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
@@ -79,6 +84,11 @@ class ImageGenerator:
         negative_embeds = self.encoder.encode(negative_prompts, vectors)
         generators = [torch.Generator(model.device).manual_seed(s) for s in seeds]
         size = model.resolution
+
+        def step_end(pipe, step: int, timestep, tensors: dict) -> dict:
+            pipe._interrupt = should_stop is not None and should_stop()  # read by the denoising loop
+            return tensors
+
         return self.pipe(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_embeds,
@@ -88,6 +98,7 @@ class ImageGenerator:
             height=height or size,
             width=width or size,
             output_type="pil",
+            callback_on_step_end=step_end,
         ).images
 
 

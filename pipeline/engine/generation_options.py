@@ -4,7 +4,7 @@ vocabulary."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class GenerationOptions(BaseModel):
@@ -23,3 +23,10 @@ class GenerationOptions(BaseModel):
     height: int | None = Field(None, ge=8, le=4096, description="image height, a multiple of 8 (default: the model's)")
     seed: int | None = Field(None, ge=0, le=2**31 - 1,
                              description="image i uses seed + i (default: random; 0 for oneword generate)")  # fmt: skip
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("the prompt is empty (only whitespace)")
+        return prompt
