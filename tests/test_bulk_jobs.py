@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from pipeline.engine.config import ConfigError
 from pipeline.engine.data import load_images
@@ -290,6 +291,9 @@ def test_manifest_errors_name_file_line_and_field():
         GOOD.replace("name: my-cat", "name: my-dog"): "jobs.yaml:9: concepts.1.name: concept 'my-dog' appears twice",
         GOOD + "resources: {gpu: 1.5}\n": "jobs.yaml:14: resources.gpu: more than one GPU must be a whole number",
         GOOD + "defaults: {lr: 3}\n": "jobs.yaml:14: defaults.lr: Extra inputs are not permitted\n",
+        GOOD + "defaults: {recipe: shapesworld}\n": "jobs.yaml:14: defaults.recipe: recipes are chosen before",
+        GOOD + "checkpoint_interval: 50\ndefaults:\n  checkpoint_interval: 20\n": "jobs.yaml:16: "
+        "defaults.checkpoint_interval: 20 would be replaced by the job's checkpoint_interval: 50",
     }
     for text, message in cases.items():
         with pytest.raises(ConfigError) as info:
@@ -313,12 +317,20 @@ def test_concept_images_from_an_s3_prefix(s3_server, s3_env, s3_settings, s3_buc
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in star_dir.iterdir())
     assert torch.equal(load_images(folder, 64), load_images(star_dir, 64))
     prefix = f"s3://{s3_bucket}"
+    small = tmp_path / "small"  # under the bundled model's 32 px, which the worker would refuse
+    small.mkdir()
+    Image.new("RGB", (16, 24), "red").save(small / "a.png")
     concepts = [{"name": "good", "images": f"{prefix}/photos/star/", "init_word": "shape"},
-                {"name": "empty", "images": f"{prefix}/nothing/", "init_word": "shape"}]  # fmt: skip
+                {"name": "empty", "images": f"{prefix}/nothing/", "init_word": "shape"},
+                {"name": "small", "images": str(small), "init_word": "shape"},
+                {"name": "small-ok", "images": str(small), "init_word": "shape",
+                 "overrides": {"min_image_side": 16}}]  # fmt: skip
     spec = parse_job_spec(yaml.safe_dump({"job": "s3-images", "base_model": "shapesworld", "registry": "r",
                                           "checkpoint_storage": "c", "concepts": concepts}))  # fmt: skip
     assert _check_images(spec, "good") is None
     assert "no images" in _check_images(spec, "empty")
+    assert "a.png: image is 16x24, smaller than the minimum side of 32 px" in _check_images(spec, "small")
+    assert _check_images(spec, "small-ok") is None
     s3_server.stop_gateway()  # unreachable is not "bad images": it is raised, for the caller to wait out
     try:
         with pytest.raises(StorageUnavailableError, match="cannot reach S3 endpoint"):

@@ -1,6 +1,7 @@
 """Concept files: diffusers and A1111 out, diffusers/A1111/kohya/SDXL in, nothing unpickled."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,35 @@ def test_bad_files_are_named(tmp_path):
     save_file({"<x>": torch.zeros(1, 32)}, str(tmp_path / "narrow.safetensors"))
     with pytest.raises(ConceptFileError, match="dimension 32, this model needs 64"):
         load_concept_file(tmp_path / "narrow.safetensors", dim=64)
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ("{not json", "its 'oneword' metadata is not valid JSON"),
+        ("[" * 5000 + "]" * 5000, "its 'oneword' metadata is not valid JSON"),
+        ("[1, 2]", "its 'oneword' metadata must be a JSON object, found list"),
+        ('{"steps": "many"}', "metadata field 'steps' has the wrong type (str)"),
+        ('{"config": [1]}', "metadata field 'config' has the wrong type (list)"),
+        ('{"final_loss": true}', "metadata field 'final_loss' has the wrong type (bool)"),
+    ],
+)
+def test_malformed_metadata_is_a_named_error_not_a_traceback(tmp_path, header, message):
+    """A shared file's header may hold anything; the registry import (CLI) says what is wrong."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "shared.safetensors"
+    save_file({"<shared>": torch.zeros(1, 32)}, str(path), metadata={"oneword": header})
+    with pytest.raises(ConceptFileError, match=re.escape(f"shared.safetensors: {message}")):
+        load_concept_file(path)
+    if header == "{not json":  # and through the CLI: exit 2, one line, nothing published
+        registry = tmp_path / "registry"
+        command = [sys.executable, "-m", "pipeline.cli", "registry", "import", str(path), "--name", "shared",
+                   "--registry", str(registry)]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+        assert not any(registry.rglob("*.json"))
 
 
 def test_a_failed_write_leaves_no_partial_file(concept, tmp_path, monkeypatch):

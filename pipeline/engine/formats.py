@@ -142,6 +142,30 @@ def _token_name(token: str) -> str:
     return token.strip().removeprefix("<").removesuffix(">")
 
 
+# the header fields oneword reads back, and their JSON types (anything else in the header is ignored)
+_METADATA_TYPES: dict[str, type | tuple[type, ...]] = {
+    "name": str, "base_model": str, "steps": int, "final_loss": (int, float), "config": dict, "source": str,
+}  # fmt: skip
+
+
+def _oneword_metadata(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
+    """The ``oneword`` header of a safetensors file, checked: a file from elsewhere may carry anything."""
+    if "oneword" not in metadata:
+        return {}
+    try:
+        info = json.loads(metadata["oneword"])
+    except (json.JSONDecodeError, RecursionError, ValueError) as err:
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else type(err).__name__
+        raise ConceptFileError(f"{path}: its 'oneword' metadata is not valid JSON ({reason})") from None
+    if not isinstance(info, dict):
+        raise ConceptFileError(f"{path}: its 'oneword' metadata must be a JSON object, found {type(info).__name__}")
+    for key, kind in _METADATA_TYPES.items():
+        value = info.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            raise ConceptFileError(f"{path}: metadata field {key!r} has the wrong type ({type(value).__name__})")
+    return info
+
+
 def load_concept_file(path: Path, name: str | None = None, dim: int | None = None) -> LearnedConcept:
     """Reads any supported embedding file. ``name`` overrides the file's; ``dim`` picks SDXL's half."""
     path = Path(path)
@@ -176,7 +200,7 @@ def load_concept_file(path: Path, name: str | None = None, dim: int | None = Non
     if not isinstance(vectors, torch.Tensor):
         raise ConceptFileError(f"{path}: embedding is a {type(vectors).__name__}, not a tensor")
 
-    info: dict[str, Any] = json.loads(metadata["oneword"]) if "oneword" in metadata else {}
+    info = _oneword_metadata(path, metadata)
     chosen = name or info.get("name") or file_name
     try:
         validate_name(chosen)

@@ -163,7 +163,7 @@ class BaseModel:
     @property
     def resolution(self) -> int:
         """The native image side: the UNet's latent size times the VAE's downsampling."""
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        return resolution_from_configs(self.unet.config, self.vae.config)
 
     @property
     def embedding_dim(self) -> int:
@@ -236,6 +236,22 @@ def resolve_model_source(source: str | Path) -> str:
     if str(source).startswith("s3://"):
         raise ModelLoadError(f"{source}: fetch s3:// models with pipeline.store.model_cache.local_model_source first")
     return str(source)
+
+
+def resolution_from_configs(unet_config: dict, vae_config: dict) -> int:
+    """The native image side from the UNet's and the VAE's configs: latent size x VAE downsampling."""
+    return int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def native_resolution(source: str | Path) -> int:
+    """A local or hub model's native image side from its configs alone (no weights loaded)."""
+    source = resolve_model_source(source)
+    try:
+        unet = UNet2DConditionModel.load_config(source, subfolder="unet")
+        vae = AutoencoderKL.load_config(source, subfolder="vae")
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read the configs of base model {source!r}: {err}") from None
+    return resolution_from_configs(unet, vae)
 
 
 def load_base_model(

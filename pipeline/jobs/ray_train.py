@@ -261,10 +261,14 @@ class ConceptOutcome:
 
 def _check_images(spec: JobSpec, name: str) -> str | None:
     """The reason a concept cannot train (missing or invalid images), or None. An unreachable
-    object store is not a reason: it is raised, to be waited out."""
+    object store is not a reason: it is raised, to be waited out. Images are held to the same
+    minimum side as the training worker will hold them to, so no worker restart is spent on them."""
+    from pipeline.store.model_cache import model_resolution
+
     config = spec.config_for(next(c for c in spec.concepts if c.name == name))
     try:
-        load_concept_images(spec, name, config.resolution or 8, config.min_image_side or 1)
+        min_side = config.min_image_side or config.resolution or model_resolution(spec.base_model)
+        load_concept_images(spec, name, 8, min_side)
     except InputError as err:
         return str(err)
     return None

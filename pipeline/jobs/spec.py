@@ -121,6 +121,14 @@ class JobSpec(BaseModel):
         """Problems that span fields: repeated names, and each concept's merged training config
         (defaults + overrides) must validate now, not later on a worker. ``(location, message)``."""
         problems: list[tuple[tuple[Any, ...], str]] = []
+        # defaults the job would replace without a word: refused, naming what wins instead
+        if "recipe" in self.defaults:
+            problems.append((("defaults", "recipe"), "recipes are chosen before defaults apply: set the job's "
+                             "`recipe:` (or a concept's), not defaults.recipe"))  # fmt: skip
+        interval = self.defaults.get("checkpoint_interval")
+        if self.checkpoint_interval is not None and interval is not None and interval != self.checkpoint_interval:
+            problems.append((("defaults", "checkpoint_interval"), f"{interval} would be replaced by the job's "
+                             f"checkpoint_interval: {self.checkpoint_interval}; set one of them"))  # fmt: skip
         seen: set[str] = set()
         for index, concept in enumerate(self.concepts):
             if concept.name in seen:

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 
 from pipeline.errors import InputError, StorageError
-from pipeline.store.storage import ObjectInfo, Storage, open_storage
+from pipeline.store.storage import ObjectInfo, ObjectNotFoundError, Storage, open_storage
 
 COMPLETE = ".oneword-complete.json"
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
@@ -83,3 +83,20 @@ def local_model_source(source: str | Path) -> str:
     if str(source).startswith("s3://"):
         return str(fetch_model(str(source))[0])
     return str(source)
+
+
+def model_resolution(source: str | Path) -> int:
+    """The native image side of a model anywhere ``local_model_source`` takes, reading only its two
+    small configs (an ``s3://`` model is not downloaded for this)."""
+    from pipeline.engine.model import native_resolution, resolution_from_configs
+
+    if str(source).startswith("s3://"):
+        storage = open_storage(str(source))
+        try:
+            unet, vae = (json.loads(storage.get(f"{part}/config.json")) for part in ("unet", "vae"))
+        except ObjectNotFoundError:
+            raise InputError(f"{source}: not a diffusers model folder (no unet/ or vae/ config.json)") from None
+        except (ValueError, KeyError) as err:
+            raise InputError(f"{source}: unreadable unet/vae config ({err})") from None
+        return resolution_from_configs(unet, vae)
+    return native_resolution(source)
