@@ -46,8 +46,10 @@ class _Latest:
 
 class ConceptCache:
     def __init__(self, registry: Registry, ttl: float, size: int,
-                 check: Callable[[LearnedConcept], None] | None = None, keep_fresh_for: float = 60.0):  # fmt: skip
+                 check: Callable[[LearnedConcept], None] | None = None, keep_fresh_for: float = 60.0,
+                 on_load: Callable[[float], None] | None = None):  # fmt: skip
         self.registry, self.ttl, self.size = registry, ttl, size
+        self.on_load = on_load  # told the seconds of every registry fetch of a concept (metrics)
         self.keep_fresh_for = keep_fresh_for  # seconds after its last use that a name is refreshed ahead
         self.check = check  # called on every newly loaded concept (compatibility with the model)
         self._concepts: OrderedDict[str, LearnedConcept] = OrderedDict()  # "name@version" -> concept
@@ -110,7 +112,10 @@ class ConceptCache:
                 return self._concepts[key]
         if cached_only:
             return None
+        started = time.monotonic()
         _, concept = self.registry.get(name, version)
+        if self.on_load is not None:
+            self.on_load(time.monotonic() - started)
         if self.check is not None:
             self.check(concept)
         with self._lock:

@@ -148,6 +148,7 @@ class RayHead:
     client: str  # ray://127.0.0.1:PORT
     gcs: str  # 127.0.0.1:PORT, for ray.init(address=...)
     env: dict[str, str]
+    metrics: str  # http://127.0.0.1:PORT/metrics: the node's Prometheus endpoint (Ray's and oneword's)
 
 
 @pytest.fixture(scope="session")
@@ -163,15 +164,21 @@ def ray_head(s3_server, tmp_path_factory):
     env = {**os.environ, **s3_server.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
            "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
            "PATH": f"{venv_bin}:{os.environ['PATH']}"}  # fmt: skip
-    dashboard, client, gcs = free_ports(3)
+    dashboard, client, gcs, metrics = free_ports(4)
     started = subprocess.run([os.path.join(venv_bin, "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
                     f"--port={gcs}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                    f"--ray-client-server-port={client}", "--disable-usage-stats"],
+                    f"--ray-client-server-port={client}", f"--metrics-export-port={metrics}", "--disable-usage-stats"],
                    env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     if started.returncode != 0:
         raise RuntimeError(f"ray start failed ({started.returncode}): {started.stdout[-2000:]}{started.stderr[-3000:]}")
     try:
-        yield RayHead(f"http://127.0.0.1:{dashboard}", f"ray://127.0.0.1:{client}", f"127.0.0.1:{gcs}", env)
+        yield RayHead(
+            f"http://127.0.0.1:{dashboard}",
+            f"ray://127.0.0.1:{client}",
+            f"127.0.0.1:{gcs}",
+            env,
+            f"http://127.0.0.1:{metrics}/metrics",
+        )
     finally:
         subprocess.run([os.path.join(venv_bin, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)

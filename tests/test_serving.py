@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -475,3 +476,71 @@ def test_abandoned_generation_stops_at_the_next_step(tiny_model_dir):
     images = generator.generate(["a photo"], {}, steps=20, height=16, width=16, should_stop=should_stop)
     assert len(images) == 1 and images[0].size == (16, 16)
     assert len(asked) == 2  # asked after the first and the second step, then the loop stopped asking
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Prometheus text format -> {"name{labels}": value} for oneword's series, keeping only oneword's
+    own labels (Ray adds node, worker and session labels), summed over replicas."""
+    values: dict[str, float] = {}
+    for line in httpx.get(url, timeout=30).text.splitlines():
+        if line.startswith("ray_oneword_"):
+            series, _, value = line.rpartition(" ")
+            labels = sorted((k, v) for k, v in re.findall(r'(\w+)="([^"]*)"', series) if k in OWN_LABELS)
+            key = series.split("{")[0] + "{" + ",".join(f"{k}={v}" for k, v in labels) + "}"
+            values[key] = values.get(key, 0.0) + float(value)
+    return values
+
+
+OWN_LABELS = {"route", "status", "reason", "outcome", "le"}
+
+
+def settled(url: str) -> dict[str, float]:
+    """A scrape after which nothing reported earlier is still on its way (workers report every 10 s)."""
+    last = scrape(url)
+    while True:
+        time.sleep(11)
+        now = scrape(url)
+        if now == last:
+            return now
+        last = now
+
+
+def test_metrics_move_by_what_the_service_did(service, ray_head):
+    """Ray's metrics agent exports oneword's counters and histograms from the replicas; a known set of
+    requests moves them by exactly that much (counters summed over both replicas)."""
+    base, registry = service
+    publish(registry, "metered", 21)
+    before = settled(ray_head.metrics)
+    ok = {"prompt": "a photo of <metered>", "width": 16, "height": 16, "steps": 1}
+    for i in range(3):
+        assert post(base, "/v1/generate", {**ok, "n": 2, "seed": i}).status_code == 200
+    assert post(base, "/v1/generate", ok, key="wrong").status_code == 401
+    assert post(base, "/v1/generate", {**ok, "width": 64, "height": 64, "steps": 20, "n": 8}).status_code == 422
+    assert post(base, "/v1/generate", {**ok, "prompt": "<no-such-concept>"}).status_code == 404
+
+    def moved(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    expected = {
+        "ray_oneword_http_requests_total{route=/v1/generate,status=200}": 3,
+        "ray_oneword_http_requests_total{route=/v1/generate,status=401}": 1,
+        "ray_oneword_http_requests_total{route=/v1/generate,status=422}": 1,
+        "ray_oneword_http_requests_total{route=/v1/generate,status=404}": 1,
+        "ray_oneword_images_generated_total{}": 6,
+        "ray_oneword_auth_failures_total{}": 1,
+        "ray_oneword_requests_refused_total{reason=over_compute_budget}": 1,
+        "ray_oneword_concept_resolutions_total{outcome=not_found}": 1,
+        "ray_oneword_http_request_seconds_count{route=/v1/generate}": 6,
+    }
+    deadline = time.monotonic() + 90  # workers report to the agent every few seconds
+    while True:
+        after = scrape(ray_head.metrics)
+        if all(moved(key) >= value for key, value in expected.items()) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert {key: moved(key) for key in expected} == expected, sorted(after)[:40]
+    resolved = sum(moved(f"ray_oneword_concept_resolutions_total{{outcome={o}}}") for o in ("memory", "registry"))
+    assert resolved == 3  # each of the three good requests resolved <metered>, from the registry or memory
+    # three pipeline calls of two images each (Ray's exported histogram sums are approximate: buckets only)
+    buckets = {float(k.split("le=")[1].rstrip("}")): moved(k) for k in after if "batch_images_bucket" in k}
+    assert moved("ray_oneword_batch_images_count{}") == 3 and (buckets[1.0], buckets[2.0]) == (0, 3)
