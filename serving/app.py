@@ -31,7 +31,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.engine.generation_options import GenerationOptions
-from serving.metrics import RequestMetrics, metrics
+from serving import metrics
+from serving.metrics import RequestMetrics
 from serving.request_guard import RequestGuard, service_keys
 from serving.settings import ServeSettings
 
@@ -88,10 +89,8 @@ LIMIT_CODES = {"too_many_images", "too_many_steps", "invalid_size", "over_comput
 
 @api.exception_handler(ApiError)
 async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-    from serving.metrics import metrics
-
     if err.code in LIMIT_CODES:
-        metrics().refused.inc(tags={"reason": err.code})
+        metrics.refused.inc(reason=err.code)
     return _error_response(err.status, err.code, err.message, **err.extra)
 
 
@@ -205,7 +204,7 @@ class Generator:
         self.registry = Registry.open(self.settings.registry or default_registry_location())
         self.cache = ConceptCache(self.registry, self.settings.concept_ttl_s, self.settings.concept_cache_size,
                                   check=lambda concept: check_compatible(concept, self.model),
-                                  on_load=lambda seconds: metrics().load_seconds.observe(seconds))  # fmt: skip
+                                  on_load=metrics.load_seconds.observe)  # fmt: skip
         self.busy_since: float | None = None  # when the running pipeline call started (monotonic)
         self._render_batch.set_max_batch_size(self.settings.max_batch_size)
         self._render_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
@@ -231,25 +230,25 @@ class Generator:
         for field, text in (("prompt", prompt), ("negative prompt", negative)):
             if len(text) > limit:
                 raise ApiError(422, "prompt_too_long", f"{field} over {limit} characters")
-        outcome = metrics().resolutions
+        outcome = metrics.resolutions
         try:
             resolved = self.cache.resolve(prompt, negative, cached_only)
         except ConceptNotFoundError as err:
-            outcome.inc(tags={"outcome": "not_found"})
+            outcome.inc(outcome="not_found")
             wanted = str(err).split("'")[1] if "'" in str(err) else ""
             close = difflib.get_close_matches(wanted, list(self.registry.names()), n=3, cutoff=0.5)
             message = str(err).replace(f"registry {self.registry.location}", "the registry")
             raise ApiError(404, "concept_not_found", message, close_matches=close) from None
         except IncompatibleConceptError as err:
-            outcome.inc(tags={"outcome": "incompatible"})
+            outcome.inc(outcome="incompatible")
             raise ApiError(409, "incompatible_concept", str(err)) from None
         except InputError as err:  # a name or version that breaks the naming rule
-            outcome.inc(tags={"outcome": "invalid"})
+            outcome.inc(outcome="invalid")
             raise ApiError(422, "invalid_concept_name", str(err)) from None
         if resolved is None:
             return None
         if resolved.versions:
-            outcome.inc(tags={"outcome": "memory" if cached_only else "registry"})
+            outcome.inc(outcome="memory" if cached_only else "registry")
         counts = {key: v.shape[0] for key, v in resolved.vectors.items()}
         for field, text in (("prompt", resolved.prompt), ("negative prompt", resolved.negative)):
             try:  # the token limit, after concept expansion
@@ -292,7 +291,7 @@ class Generator:
             raise ApiError(504, "timeout", message) from None
         finally:  # done, timed out or its client gone: its call may stop at the next step
             job.abandoned = True
-        metrics().images.inc(len(images))
+        metrics.images.inc(len(images))
         return images, seed, resolved.versions, width, height
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
@@ -308,8 +307,8 @@ class Generator:
             vectors = {k: v for i in members for k, v in jobs[i].vectors.items()}
             if all(jobs[i].abandoned for i in members):
                 continue
-            metrics().batch_images.observe(len(prompts))
-            metrics().batch_requests.observe(len(members))
+            metrics.batch_images.observe(len(prompts))
+            metrics.batch_requests.observe(len(members))
             self.busy_since = time.monotonic()
             try:
                 images = await asyncio.to_thread(

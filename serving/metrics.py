@@ -1,20 +1,25 @@
-"""The service's own metrics, through ``ray.util.metrics``: Ray's metrics agent exports them in
-Prometheus format on every node, next to Ray's and Serve's (Ray prefixes them ``ray_``, so
-``oneword_http_requests`` is scraped as ``ray_oneword_http_requests_total``).
+"""The generation service's metrics (see ``pipeline.metrics`` for how they are exported).
 
-Labels are bounded: a route template (never a raw path), a status code, an outcome or reason from
-a fixed list; never a concept name or a prompt. Outside a Ray worker (unit tests, the CLI)
-every metric is a no-op, so nothing here ever starts Ray.
+Labels: a route template (never a raw path), a status code, an outcome or reason from a fixed
+list; never a concept name or a prompt.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
 
-# seconds: from a cached concept to a long generation on CPU
-LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
-SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
+from pipeline.metrics import COUNT_BOUNDARIES, LATENCY_BOUNDARIES, counter, histogram
+
+requests = counter("http_requests", "HTTP requests answered, by route and status code", "route", "status")
+latency = histogram("http_request_seconds", "HTTP request latency", LATENCY_BOUNDARIES, "route")
+images = counter("images_generated", "images generated and returned")
+batch_images = histogram("batch_images", "images per pipeline call", COUNT_BOUNDARIES)
+batch_requests = histogram("batch_requests", "requests per pipeline call", COUNT_BOUNDARIES)
+resolutions = counter("concept_resolutions", "concept references resolved, by outcome: memory, registry, not_found, "
+                      "incompatible, invalid", "outcome")  # fmt: skip
+load_seconds = histogram("concept_load_seconds", "registry fetch of a concept version (hot-load)", LATENCY_BOUNDARIES)
+auth_failures = counter("auth_failures", "requests refused for a missing or wrong API key")
+refused = counter("requests_refused", "requests refused for a limit, by reason", "reason")
 
 ROUTES = ("/v1/generate", "/v1/images/generations", "/v1/concepts", "/healthz", "/readyz", "/docs", "/openapi.json")
 
@@ -24,55 +29,6 @@ def route_of(path: str) -> str:
     if path.startswith("/v1/concepts/"):
         return "/v1/concepts/{name}"
     return path if path in ROUTES else "other"
-
-
-class _Off:
-    """Stands in for a metric outside Ray."""
-
-    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
-        pass
-
-    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
-        pass
-
-
-class ServingMetrics:
-    def __init__(self) -> None:
-        import ray
-
-        if not ray.is_initialized():
-            off = _Off()
-            self.requests = self.latency = self.images = self.batch_images = self.batch_requests = off
-            self.resolutions = self.load_seconds = self.auth_failures = self.refused = off
-            return
-        from ray.util.metrics import Counter, Histogram
-
-        def counter(name: str, description: str, *tags: str) -> Any:
-            return Counter(f"oneword_{name}", description=description, tag_keys=tags)
-
-        def histogram(name: str, description: str, boundaries: list[float], *tags: str) -> Any:
-            return Histogram(f"oneword_{name}", description=description, boundaries=boundaries, tag_keys=tags)
-
-        self.requests = counter("http_requests", "HTTP requests answered, by route and status code", "route", "status")
-        self.latency = histogram("http_request_seconds", "HTTP request latency", LATENCY_BOUNDARIES, "route")
-        self.images = counter("images_generated", "images generated and returned")
-        self.batch_images = histogram("batch_images", "images per pipeline call", SIZE_BOUNDARIES)
-        self.batch_requests = histogram("batch_requests", "requests per pipeline call", SIZE_BOUNDARIES)
-        self.resolutions = counter("concept_resolutions", "concept references resolved, by outcome: memory, "
-                                   "registry, not_found, incompatible, invalid", "outcome")  # fmt: skip
-        self.load_seconds = histogram("concept_load_seconds", "registry fetch of a concept version (hot-load)",
-                                      LATENCY_BOUNDARIES)  # fmt: skip
-        self.auth_failures = counter("auth_failures", "requests refused for a missing or wrong API key")
-        self.refused = counter("requests_refused", "requests refused for a limit, by reason", "reason")
-
-
-_METRICS: list[ServingMetrics] = []  # one per process, made on first use (after Ray is up)
-
-
-def metrics() -> ServingMetrics:
-    if not _METRICS:
-        _METRICS.append(ServingMetrics())
-    return _METRICS[0]
 
 
 class RequestMetrics:
@@ -94,6 +50,6 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            route, recorded = route_of(scope["path"]), metrics()
-            recorded.requests.inc(tags={"route": route, "status": str(status["code"])})
-            recorded.latency.observe(time.perf_counter() - started, tags={"route": route})
+            route = route_of(scope["path"])
+            requests.inc(route=route, status=str(status["code"]))
+            latency.observe(time.perf_counter() - started, route=route)

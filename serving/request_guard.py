@@ -117,25 +117,25 @@ class RequestGuard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        from serving.metrics import metrics
+        from serving import metrics
 
         headers = dict(scope["headers"])
         if scope["path"].startswith("/v1/") and not authorized(headers.get(b"authorization", b"").decode("latin-1")):
-            metrics().auth_failures.inc()
+            metrics.auth_failures.inc()
             message = "missing or invalid API key (Authorization: Bearer <key>)"
             return await _error(401, "unauthorized", message)(scope, receive, send)
         limit, declared = int(LIMITS["max_body_bytes"]), headers.get(b"content-length")
         too_large = _error(413, "request_too_large", f"request body over {limit} bytes")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            metrics().refused.inc(tags={"reason": "request_too_large"})
+            metrics.refused.inc(reason="request_too_large")
             return await too_large(scope, receive, send)
         try:
             body = await asyncio.wait_for(_read_body(receive, limit), LIMITS["body_timeout_s"])
         except _TooLargeError:
-            metrics().refused.inc(tags={"reason": "request_too_large"})
+            metrics.refused.inc(reason="request_too_large")
             return await too_large(scope, receive, send)
         except TimeoutError:
-            metrics().refused.inc(tags={"reason": "request_timeout"})
+            metrics.refused.inc(reason="request_timeout")
             message = f"request body not received within {LIMITS['body_timeout_s']:g} s"
             return await _error(408, "request_timeout", message)(scope, receive, send)
         except ConnectionAbortedError:

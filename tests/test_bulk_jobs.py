@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +24,9 @@ from pipeline.engine.model import load_base_model
 from pipeline.jobs.ray_train import job_storage, progress_key, read_json
 from pipeline.jobs.spec import load_job_spec, parse_job_spec
 from pipeline.store.registry import Registry
-from pipeline.store.storage import StorageUnavailableError
+from pipeline.store.storage import StorageUnavailableError, wait_out_outage
+
+from .prometheus import settled
 
 DEFAULTS = {"batch_size": 2, "log_interval": 5, "learning_rate": 5e-3, "seed": 3}
 
@@ -117,6 +120,16 @@ def test_job_via_jobs_api_publishes_reports_failures_and_is_idempotent(
 
     result = oneword("submit", str(manifest), "--address", ray_head.jobs_api, "--watch", env=env)
     assert result.returncode == 1, result.stderr  # one concept failed
+    # what the job did, as Ray's metrics agent exports it (labelled by job id, never by concept)
+    exported = settled(ray_head.metrics)
+    assert {state: exported[f"ray_oneword_job_concepts{{job=api-job,state={state}}}"]
+            for state in ("pending", "running", "published", "skipped", "failed")} == {
+        "pending": 0, "running": 0, "published": 2, "skipped": 0, "failed": 1}  # fmt: skip
+    assert exported["ray_oneword_train_steps_total{job=api-job}"] == 2 * 20
+    assert exported["ray_oneword_train_loss_count{job=api-job}"] == 2 * 20 / DEFAULTS["log_interval"]
+    assert exported["ray_oneword_checkpoint_seconds_count{job=api-job}"] == 2 * 20 / 10  # checkpoint_interval 10
+    assert exported["ray_oneword_publish_seconds_count{job=api-job}"] == 2
+    assert exported["ray_oneword_registry_operation_seconds_count{backend=s3,operation=publish}"] >= 2
     status = status_of(manifest, env)
     assert status["state"] == "failed"
     states = {name: entry["state"] for name, entry in status["concepts"].items()}
@@ -332,11 +345,17 @@ def test_concept_images_from_an_s3_prefix(s3_server, s3_env, s3_settings, s3_buc
     assert "a.png: image is 16x24, smaller than the minimum side of 32 px" in _check_images(spec, "small")
     assert _check_images(spec, "small-ok") is None
     s3_server.stop_gateway()  # unreachable is not "bad images": it is raised, for the caller to wait out
+    restart = threading.Timer(3, s3_server.start_gateway)
     try:
         with pytest.raises(StorageUnavailableError, match="cannot reach S3 endpoint"):
             _check_images(spec, "good")
+        paused: list[float] = []  # what the jobs count in ray_oneword_storage_wait_seconds
+        restart.start()  # the store comes back while the caller waits
+        assert wait_out_outage(lambda: _check_images(spec, "good"), 120, lambda line: None, paused.append) is None
+        assert len(paused) >= 2 and sum(paused) >= 2
     finally:
-        s3_server.start_gateway()
+        restart.cancel()
+        s3_server.start_gateway()  # a no-op if the timer already did
 
 
 def test_ray_train_failures_from_an_unreachable_store_are_told_apart():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pipeline.engine.model import load_base_model
 from pipeline.store.registry import Registry
 
 from .conftest import DIM
+from .prometheus import scrape, settled
 
 API_KEY = "test-key-0123456789"
 STEPS = 2
@@ -476,33 +476,6 @@ def test_abandoned_generation_stops_at_the_next_step(tiny_model_dir):
     images = generator.generate(["a photo"], {}, steps=20, height=16, width=16, should_stop=should_stop)
     assert len(images) == 1 and images[0].size == (16, 16)
     assert len(asked) == 2  # asked after the first and the second step, then the loop stopped asking
-
-
-def scrape(url: str) -> dict[str, float]:
-    """Prometheus text format -> {"name{labels}": value} for oneword's series, keeping only oneword's
-    own labels (Ray adds node, worker and session labels), summed over replicas."""
-    values: dict[str, float] = {}
-    for line in httpx.get(url, timeout=30).text.splitlines():
-        if line.startswith("ray_oneword_"):
-            series, _, value = line.rpartition(" ")
-            labels = sorted((k, v) for k, v in re.findall(r'(\w+)="([^"]*)"', series) if k in OWN_LABELS)
-            key = series.split("{")[0] + "{" + ",".join(f"{k}={v}" for k, v in labels) + "}"
-            values[key] = values.get(key, 0.0) + float(value)
-    return values
-
-
-OWN_LABELS = {"route", "status", "reason", "outcome", "le"}
-
-
-def settled(url: str) -> dict[str, float]:
-    """A scrape after which nothing reported earlier is still on its way (workers report every 10 s)."""
-    last = scrape(url)
-    while True:
-        time.sleep(11)
-        now = scrape(url)
-        if now == last:
-            return now
-        last = now
 
 
 def test_metrics_move_by_what_the_service_did(service, ray_head):

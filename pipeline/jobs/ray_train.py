@@ -51,6 +51,7 @@ import torch
 
 from pipeline.engine.data import IMAGE_SUFFIXES, load_images
 from pipeline.errors import InputError, OnewordError
+from pipeline.jobs import metrics
 from pipeline.jobs.spec import JobSpec
 from pipeline.store.storage import (
     Result,
@@ -162,6 +163,13 @@ def status_key(job: str) -> str:
     return f"{job}/status.json"
 
 
+def wait_for_storage(spec: JobSpec, call: Callable[[], Result], who: str = "") -> Result:
+    """``call()`` through an object-store outage of up to the job's ``storage_patience``; each wait
+    is printed and its seconds counted (``storage_wait_seconds``)."""
+    return wait_out_outage(call, spec.storage_patience, lambda line: print(f"[{spec.job}] {who}: {line}", flush=True),
+                           on_pause=lambda seconds: metrics.storage_wait.inc(seconds, job=spec.job))  # fmt: skip
+
+
 # --- the worker: one concept's training loop ------------------------------------------------------
 
 
@@ -180,7 +188,7 @@ def train_loop(config: dict[str, Any]) -> None:
     concept = next(c for c in spec.concepts if c.name == config["concept"])
     inversion_config = spec.config_for(concept)
     storage, key = job_storage(spec), progress_key(spec.job, concept.name)
-    previous = wait_out_outage(lambda: read_json(storage, key), spec.storage_patience) or {}
+    previous = wait_for_storage(spec, lambda: read_json(storage, key), concept.name) or {}
     attempt = int(previous.get("attempt", 0)) + 1
 
     device = ray.train.torch.get_device()
@@ -188,15 +196,15 @@ def train_loop(config: dict[str, Any]) -> None:
     model = load_base_model(local_model_source(spec.base_model), device, dtype)
     resolution = inversion_config.resolution or model.resolution
     min_side = inversion_config.min_image_side
-    images = wait_out_outage(
-        lambda: load_concept_images(spec, concept.name, resolution, min_side), spec.storage_patience
-    )
+    images = wait_for_storage(spec, lambda: load_concept_images(spec, concept.name, resolution, min_side), concept.name)
     engine = Inversion(model, images, inversion_config, concept.name)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             engine.load_state_dict(torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True))
     resumed_from = engine.step_count
+    if checkpoint is not None or attempt > 1:
+        metrics.restarts.inc(job=spec.job)
     started = time.time()
     first_step_at: float | None = None
 
@@ -215,17 +223,22 @@ def train_loop(config: dict[str, Any]) -> None:
             print(f"[{spec.job}] {concept.name}: progress not written: {err}", flush=True)
 
     def report(with_checkpoint: bool) -> None:
-        metrics = {"step": engine.step_count, "loss": engine.last_loss, "attempt": attempt}
+        reported = {"step": engine.step_count, "loss": engine.last_loss, "attempt": attempt}
         if not with_checkpoint:
-            ray.train.report(metrics)
+            ray.train.report(reported)
             return
+        writing = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
             torch.save(engine.state_dict(), Path(folder) / STATE_FILE)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+            ray.train.report(reported, checkpoint=Checkpoint.from_directory(folder))
+        metrics.checkpoint_seconds.observe(time.perf_counter() - writing, job=spec.job)
 
     def after_step(engine: Inversion, due: Due) -> None:
         nonlocal first_step_at
         first_step_at = first_step_at or time.time()
+        metrics.steps.inc(job=spec.job)
+        if due.log:
+            metrics.loss.observe(engine.last_loss, job=spec.job)
         if due.checkpoint:
             report(with_checkpoint=True)
         elif due.log:
@@ -288,7 +301,7 @@ def train_one(spec_data: dict[str, Any], name: str) -> dict[str, Any]:
     outcome = ConceptOutcome(name=name, state="failed")
 
     def patiently(call: Callable[[], Result]) -> Result:
-        return wait_out_outage(call, spec.storage_patience, lambda line: print(f"[{spec.job}] {name}: {line}"))
+        return wait_for_storage(spec, call, name)
 
     try:
         registry = Registry.open(spec.registry)
@@ -317,7 +330,9 @@ def train_one(spec_data: dict[str, Any], name: str) -> dict[str, Any]:
             final_loss=float(state["last_loss"]),
             config={**state["config"], "images": concept.images},
         )
+        publishing = time.perf_counter()
         manifest = patiently(lambda: registry.publish(learned, {"final_loss": learned.final_loss}, job_id=spec.job))
+        metrics.publish_seconds.observe(time.perf_counter() - publishing, job=spec.job)
         outcome = ConceptOutcome(name, "published", manifest.version, learned.steps, learned.final_loss,
                                  attempts=int(progress.get("attempt", 1)))  # fmt: skip
         if progress.get("first_step_at") and progress.get("trained_at"):
@@ -377,7 +392,7 @@ def pack_loop(config: dict[str, Any]) -> None:
     storage, registry = job_storage(spec), Registry.open(spec.registry)
 
     def patiently(call: Callable[[], Result]) -> Result:
-        return wait_out_outage(call, spec.storage_patience, lambda line: print(f"[{spec.job}] {pack_id}: {line}"))
+        return wait_for_storage(spec, call, pack_id)
 
     previous = patiently(lambda: read_json(storage, pack_key(spec.job, pack_id))) or {}
     restarted = previous.get("token") == token  # a restart of this submission's worker, not a resubmit
@@ -394,6 +409,8 @@ def pack_loop(config: dict[str, Any]) -> None:
 
     pack = Pack(model, [Request(name, configs[name], images(name)) for name in queue], spec.pack_size)
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None or attempt > 1:
+        metrics.restarts.inc(job=spec.job)
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
@@ -424,7 +441,9 @@ def pack_loop(config: dict[str, Any]) -> None:
     def after_step(engine: Inversion, due: Due) -> None:
         if engine.name not in seen:
             seen[engine.name] = (time.time(), engine.step_count - 1)
+        metrics.steps.inc(job=spec.job)
         if due.log:
+            metrics.loss.observe(engine.last_loss, job=spec.job)
             progress(engine, "running")
 
     def skip(name: str) -> bool:
@@ -444,9 +463,11 @@ def pack_loop(config: dict[str, Any]) -> None:
             config={**engine.config.model_dump(mode="json"), "images": images_of[engine.name]},
         )
         # published already if the worker died after publishing and before the next checkpoint
+        publishing = time.perf_counter()
         manifest = patiently(lambda: registry.find(engine.name, job_id=spec.job)) or patiently(
             lambda: registry.publish(learned, {"final_loss": learned.final_loss}, job_id=spec.job)
         )
+        metrics.publish_seconds.observe(time.perf_counter() - publishing, job=spec.job)
         progress(engine, "trained")
         since = seen.get(engine.name, (trained_at, 0))[0]
         record(ConceptOutcome(engine.name, "published", manifest.version, learned.steps, learned.final_loss,
@@ -457,13 +478,16 @@ def pack_loop(config: dict[str, Any]) -> None:
         record(ConceptOutcome(name, "failed", error=reason, attempts=attempt))
 
     def save(state: dict[str, Any]) -> None:
-        metrics = {"active": len(pack.active()), "next": pack.next, "attempt": attempt}
+        reported = {"active": len(pack.active()), "next": pack.next, "attempt": attempt}
+        writing = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
             torch.save(state, Path(folder) / STATE_FILE)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+            ray.train.report(reported, checkpoint=Checkpoint.from_directory(folder))
         # The worker's report queue holds one: this returns once the controller has taken the
         # checkpoint, so a worker killed from here on resumes from it.
-        ray.train.report(metrics)
+        ray.train.report(reported)
+        metrics.checkpoint_seconds.observe(time.perf_counter() - writing, job=spec.job)
+        metrics.pack_occupancy.observe(reported["active"], job=spec.job)
 
     pack.run(finished=finished, failed=failed, after_step=after_step, checkpoint=save, skip=skip)
 
@@ -477,7 +501,7 @@ def train_pack(spec_data: dict[str, Any], pack_id: str, queue: list[str]) -> lis
     token = uuid.uuid4().hex  # marks this run's outcome files apart from an earlier submission's
 
     def patiently(call: Callable[[], Result]) -> Result:
-        return wait_out_outage(call, spec.storage_patience, lambda line: print(f"[{spec.job}] {pack_id}: {line}"))
+        return wait_for_storage(spec, call, pack_id)
 
     error = None
     try:
@@ -609,11 +633,13 @@ def run_job(spec: JobSpec, submission_id: str | None = None, poll_seconds: float
         concepts.update({name: {"state": "running"} for names in running.values() for name in names})
         concepts.update({name: asdict(o) for name, o in outcomes.items()})
         concepts = {c.name: concepts[c.name] for c in spec.concepts if c.name in concepts}  # manifest order
+        for counted in ("pending", "running", "published", "skipped", "failed"):
+            metrics.concepts.set(sum(c["state"] == counted for c in concepts.values()), job=spec.job, state=counted)
         now = datetime.now(UTC).isoformat()
         record = {"job": spec.job, "state": state, "submission_id": submission_id, "started_at": started_at,
                   "updated_at": now, "pack_size": spec.pack_size, "concepts": concepts}  # fmt: skip
         if state != "running":  # the final word must land
-            wait_out_outage(lambda: _write_json(storage, status_key(spec.job), record), spec.storage_patience)
+            wait_for_storage(spec, lambda: _write_json(storage, status_key(spec.job), record), "status")
             return
         try:  # a running status lost to an outage is rewritten at the next poll
             _write_json(storage, status_key(spec.job), record)

@@ -16,12 +16,14 @@ artifact against the manifest's sha256.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import re
 import secrets
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,6 +36,7 @@ from safetensors.torch import save as save_safetensors
 from pipeline.engine.concepts import placeholder, validate_name
 from pipeline.engine.formats import LearnedConcept
 from pipeline.errors import InputError, StorageError
+from pipeline.metrics import LATENCY_BOUNDARIES, histogram
 from pipeline.store.storage import ObjectNotFoundError, Storage, open_storage
 
 ROOT = "concepts"
@@ -111,12 +114,31 @@ def _artifact_bytes(concept: LearnedConcept) -> bytes:
     return save_safetensors({concept.placeholder: concept.vectors}, metadata={"format": "pt"})
 
 
+operation_seconds = histogram("registry_operation_seconds", "registry operations by backend (folder, s3) and "
+                              "operation", LATENCY_BOUNDARIES, "backend", "operation")  # fmt: skip
+
+
+def _timed(method: Callable) -> Callable:
+    """Records the method's duration in ``operation_seconds`` (see pipeline/metrics.py)."""
+
+    @functools.wraps(method)
+    def timed(self: Registry, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            operation_seconds.observe(time.perf_counter() - started, backend=self.backend, operation=method.__name__)
+
+    return timed
+
+
 class Registry:
     """Publish, resolve, list and delete concept versions in one storage location."""
 
     def __init__(self, storage: Storage):
         self.storage = storage
         self.location = storage.location
+        self.backend = "s3" if self.location.startswith("s3://") else "folder"  # a metrics label
 
     @classmethod
     def open(cls, location: str) -> Registry:
@@ -124,6 +146,7 @@ class Registry:
 
     # --- writing ----------------------------------------------------------------------------------
 
+    @_timed
     def publish(
         self, concept: LearnedConcept, metrics: dict[str, float] | None = None, job_id: str | None = None
     ) -> Manifest:
@@ -157,6 +180,7 @@ class Registry:
             raise
         return manifest
 
+    @_timed
     def delete(self, name: str, version: str) -> Manifest:
         """Removes one version: its manifest first (it disappears at once), then the artifact."""
         manifest = self.manifest(name, version)
@@ -186,6 +210,7 @@ class Registry:
 
     # --- reading ----------------------------------------------------------------------------------
 
+    @_timed
     def versions(self, name: str) -> list[str]:
         """Committed versions of ``name``, oldest first."""
         validate_name(name)
@@ -197,6 +222,7 @@ class Registry:
                 found.append(version)
         return sorted(found)
 
+    @_timed
     def manifest(self, name: str, version: str | None = None) -> Manifest:
         """The manifest of ``name@version``, or of the latest version."""
         validate_name(name)
@@ -220,6 +246,7 @@ class Registry:
             raise CorruptConceptError(f"{where}: manifest names another version")
         return manifest
 
+    @_timed
     def find(self, name: str, job_id: str) -> Manifest | None:
         """The newest version of ``name`` published by job ``job_id``, if any (for idempotent jobs)."""
         for version in reversed(self.versions(name)):
@@ -231,6 +258,7 @@ class Registry:
                 return manifest
         return None
 
+    @_timed
     def get(self, name: str, version: str | None = None) -> tuple[Manifest, LearnedConcept]:
         """The concept ``name@version`` (latest if no version), checksum verified."""
         manifest = self.manifest(name, version)
@@ -268,6 +296,7 @@ class Registry:
                 last = name
                 yield name
 
+    @_timed
     def list(self, prefix: str = "", limit: int = 100, after: str | None = None) -> Page:
         """Committed versions whose name starts with ``prefix``, by name then version.
         ``after`` is a ``name@version`` (a page's ``next_after``) to continue from."""

@@ -48,12 +48,14 @@ OUTAGE_ERRORS = ("InternalError", "ServiceUnavailable", "SlowDown", "RequestTime
 Result = TypeVar("Result")
 
 
-def wait_out_outage(call: Callable[[], Result], patience: float, on_wait: Callable[[str], None] = print) -> Result:
+def wait_out_outage(call: Callable[[], Result], patience: float, on_wait: Callable[[str], None] = print,
+                    on_pause: Callable[[float], None] | None = None) -> Result:  # fmt: skip
     """``call()``, repeated while the storage is unavailable for up to ``patience`` seconds.
 
     For work that is expensive to lose (a bulk job's trained concepts): the client's own retries
     cover a blip of seconds; this covers a restart of the object store. Other errors are raised
-    at once. ``on_wait`` hears one line per wait, without credentials (the errors carry none).
+    at once. ``on_wait`` hears one line per wait, without credentials (the errors carry none);
+    ``on_pause`` the seconds of each pause (metrics).
     """
     deadline = time.monotonic() + patience
     pause = 1.0
@@ -66,6 +68,8 @@ def wait_out_outage(call: Callable[[], Result], patience: float, on_wait: Callab
                 raise
             on_wait(f"{err}; trying again in {min(pause, left):.0f} s (waiting up to {patience:.0f} s in all)")
             time.sleep(min(pause, left))
+            if on_pause is not None:
+                on_pause(min(pause, left))
             pause = min(pause * 2, 30.0)
 
 
