@@ -79,8 +79,11 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.extra = status, code, message, extra
 
 
-def _error_response(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"code": code, "message": message, **extra}, status_code=status)
+def _error_response(request: Request, status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    """The API's error body; ``request_id`` is Serve's id of the request (also the X-Request-Id
+    response header, and in the replica's log lines), so a client's report finds the log."""
+    body = {"code": code, "message": message, "request_id": request.headers.get("x-request-id"), **extra}
+    return JSONResponse(body, status_code=status)
 
 
 # codes of requests refused for a limit (counted by reason in serving/metrics.py)
@@ -88,24 +91,24 @@ LIMIT_CODES = {"too_many_images", "too_many_steps", "invalid_size", "over_comput
 
 
 @api.exception_handler(ApiError)
-async def _api_error(_: Request, err: ApiError) -> JSONResponse:
+async def _api_error(request: Request, err: ApiError) -> JSONResponse:
     if err.code in LIMIT_CODES:
         metrics.refused.inc(reason=err.code)
-    return _error_response(err.status, err.code, err.message, **err.extra)
+    return _error_response(request, err.status, err.code, err.message, **err.extra)
 
 
 @api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
     problems = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in err.errors()]
-    return _error_response(422, "invalid_request", "; ".join(problems) or "invalid request")
+    return _error_response(request, 422, "invalid_request", "; ".join(problems) or "invalid request")
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
     if err.status_code == 400:  # a body FastAPI could not parse (bad encoding, nesting, huge numbers)
-        return _error_response(422, "invalid_request", "request body is not valid JSON")
+        return _error_response(request, 422, "invalid_request", "request body is not valid JSON")
     code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(err.status_code, "http_error")
-    return _error_response(err.status_code, code, str(err.detail))
+    return _error_response(request, err.status_code, code, str(err.detail))
 
 
 # API keys and the body (limit, deadline) before any route: serving/request_guard.py; around it,
@@ -115,8 +118,8 @@ api.add_middleware(RequestMetrics)
 
 
 @api.exception_handler(Exception)
-async def _unexpected(_: Request, err: Exception) -> JSONResponse:
-    return _error_response(500, "internal_error", "the server failed to handle this request")
+async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+    return _error_response(request, 500, "internal_error", "the server failed to handle this request")
 
 
 # where a concept's training images or checkpoints lie is the trainer's business, not a client's
@@ -382,12 +385,12 @@ class Generator:
         return {"status": "ok"}
 
     @api.get("/readyz")
-    async def readyz(self) -> Any:
+    async def readyz(self, request: Request) -> Any:
         """Ready when the model is loaded and no pipeline call has run past ``request_timeout_s``."""
         busy = time.monotonic() - self.busy_since if self.busy_since is not None else 0.0
         if busy > self.settings.request_timeout_s:
             message = f"one generation has run for {busy:.0f} s, past request_timeout_s"
-            return _error_response(503, "stuck", message)
+            return _error_response(request, 503, "stuck", message)
         return {"status": "ready" if self.ready else "loading", "base_model": self.model.identity}
 
     def check_health(self) -> None:

@@ -104,8 +104,10 @@ async def _read_body(receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"code": code, "message": message}, status_code=status)
+def _error(headers: dict[bytes, bytes], status: int, code: str, message: str) -> JSONResponse:
+    """The API's error body (as serving.app writes it), with Serve's request id."""
+    request_id = headers.get(b"x-request-id", b"").decode("latin-1") or None
+    return JSONResponse({"code": code, "message": message, "request_id": request_id}, status_code=status)
 
 
 class RequestGuard:
@@ -123,9 +125,9 @@ class RequestGuard:
         if scope["path"].startswith("/v1/") and not authorized(headers.get(b"authorization", b"").decode("latin-1")):
             metrics.auth_failures.inc()
             message = "missing or invalid API key (Authorization: Bearer <key>)"
-            return await _error(401, "unauthorized", message)(scope, receive, send)
+            return await _error(headers, 401, "unauthorized", message)(scope, receive, send)
         limit, declared = int(LIMITS["max_body_bytes"]), headers.get(b"content-length")
-        too_large = _error(413, "request_too_large", f"request body over {limit} bytes")
+        too_large = _error(headers, 413, "request_too_large", f"request body over {limit} bytes")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             metrics.refused.inc(reason="request_too_large")
             return await too_large(scope, receive, send)
@@ -137,7 +139,7 @@ class RequestGuard:
         except TimeoutError:
             metrics.refused.inc(reason="request_timeout")
             message = f"request body not received within {LIMITS['body_timeout_s']:g} s"
-            return await _error(408, "request_timeout", message)(scope, receive, send)
+            return await _error(headers, 408, "request_timeout", message)(scope, receive, send)
         except ConnectionAbortedError:
             return None  # the client left: nobody to answer
 

@@ -69,6 +69,9 @@ class ServeSettings(BaseModel):
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="seconds a request waits for others to batch with")
     health_check_period_s: float = Field(10.0, gt=0, description="seconds between replica health checks")
     health_check_timeout_s: float = Field(30.0, gt=0, description="seconds before a health check fails")
+    log_encoding: Literal["TEXT", "JSON"] = Field(
+        "TEXT", description="replica logs: TEXT, or JSON lines with Serve's request id, route and replica in each"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeSettings:
@@ -96,4 +99,5 @@ class ServeSettings(BaseModel):
             "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s},
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
+            "logging_config": {"encoding": self.log_encoding},
         }

@@ -227,6 +227,9 @@ def test_errors_have_status_and_stable_codes(service):
         response = post(base, "/v1/generate", body, key=key)
         assert (response.status_code, response.json().get("code")) == (status, code), (body, response.text)
         assert "Traceback" not in response.text
+        assert response.json()["request_id"] == response.headers["x-request-id"]  # the log line's id too
+    traced = post(base, "/v1/generate", {**ok, "n": 0}, headers={"X-Request-Id": "trace-0123"})  # a client's id
+    assert traced.json()["request_id"] == traced.headers["x-request-id"] == "trace-0123"
     close = post(base, "/v1/generate", {**ok, "prompt": "a photo of <spoty>"}).json()
     assert "spotty" in close["close_matches"]
     assert "in the registry" in close["message"] and str(registry.location) not in close["message"]
@@ -408,6 +411,8 @@ def test_serve_config_file_builds_the_app_and_validates():
     deployment = app._bound_deployment
     assert deployment.name == "oneword-generator"
     assert deployment._deployment_config.max_ongoing_requests == application["args"]["max_ongoing_requests"]
+    json_logs = build_app({**application["args"], "log_encoding": "JSON"})._bound_deployment
+    assert json_logs._deployment_config.logging_config["encoding"] == "JSON"  # JSON lines with request ids
     assert os.environ.get("ONEWORD_TEST_NETNS") == "1"
 
 
