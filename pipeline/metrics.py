@@ -21,6 +21,7 @@ COUNT_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
 
 
 _CREATING = threading.Lock()
+DECLARED: list[Metric] = []  # every metric declared in a module imported so far (docs, dashboard checks)
 
 
 class Metric:
@@ -30,6 +31,12 @@ class Metric:
                  boundaries: list[float] | None = None):  # fmt: skip
         self.kind, self.name, self.description, self.tags, self.boundaries = kind, name, description, tags, boundaries
         self._metric: Any = None
+        DECLARED.append(self)
+
+    @property
+    def exported_name(self) -> str:
+        """The name Prometheus scrapes (histograms add ``_bucket``, ``_sum``, ``_count``)."""
+        return f"ray_oneword_{self.name}" + ("_total" if self.kind == "counter" else "")
 
     def _real(self) -> Any:
         if self._metric is not None:

@@ -5,6 +5,7 @@ Serve's own schema, the values schema against bad values, hadolint."""
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import subprocess
 import sys
@@ -175,6 +176,32 @@ def test_chart_never_serves_an_open_api_unless_told():
         [app] = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
         assert expected.items() <= app["args"].items()
         assert len({"allow_anonymous", "api_keys_file"} & set(app["args"])) == 1
+
+
+def test_monitoring_is_off_by_default_and_renders_valid_objects_when_on():
+    """PodMonitor validated against the Prometheus Operator's own types (cloudcoil's models of its
+    CRDs, closed like the KubeRay CRDs); the dashboard ConfigMap carries the generated dashboard for
+    Grafana's sidecar; the NetworkPolicy opens the metrics port to Prometheus's namespace only."""
+    from cloudcoil.models.prometheus_operator.v1 import PodMonitor
+
+    kinds = {d["kind"] for d in render()}
+    assert "PodMonitor" not in kinds and "ConfigMap" not in kinds
+    docs = render(None, "helm4", "monitoring.podMonitor.enabled=true", "monitoring.grafanaDashboard.enabled=true",
+                  "monitoring.prometheusNamespace=monitoring", "monitoring.podMonitor.labels.release=prom")  # fmt: skip
+    [monitor] = [d for d in docs if d["kind"] == "PodMonitor"]
+    jsonschema.validate(monitor, closed(PodMonitor.model_json_schema(by_alias=True)))
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    [dashboard] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["oneword.json"]) == json.loads(
+        (CHART / "dashboards" / "oneword.json").read_text()
+    )
+    [policy] = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+            "ports": [{"port": 8080, "protocol": "TCP"}]} in policy["spec"]["ingress"]  # fmt: skip
+    bad = helm("helm4", "template", "rel", str(CHART), "--set", "monitoring.podMonitor.interval=often")
+    assert bad.returncode != 0 and "pattern" in bad.stderr
 
 
 def _pod_templates(doc: dict) -> list[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -522,3 +523,28 @@ def test_metrics_move_by_what_the_service_did(service, ray_head):
     # three pipeline calls of two images each (Ray's exported histogram sums are approximate: buckets only)
     buckets = {float(k.split("le=")[1].rstrip("}")): moved(k) for k in after if "batch_images_bucket" in k}
     assert moved("ray_oneword_batch_images_count{}") == 3 and (buckets[1.0], buckets[2.0]) == (0, 3)
+
+
+def test_dashboard_queries_name_metrics_that_exist(service, ray_head):
+    """Every metric a panel of the shipped Grafana dashboard queries is exported: oneword's are
+    declared in the code, Ray's and Serve's are on the head's endpoint (a serving cluster's)."""
+    import json
+
+    # these modules declare their metrics on import
+    import pipeline.jobs.metrics
+    import pipeline.store.registry  # noqa: F401
+    import serving.metrics  # noqa: F401
+    from pipeline.metrics import DECLARED
+
+    board = json.loads((Path(__file__).parents[1] / "deploy/helm/oneword/dashboards/oneword.json").read_text())
+    ours = {metric.exported_name for metric in DECLARED}
+    exported = {line.split("{")[0].split(" ")[0] for line in httpx.get(ray_head.metrics, timeout=30).text.splitlines()
+                if line and not line.startswith("#")}  # fmt: skip
+    queried = {name for panel in board["panels"] for target in panel["targets"]
+               for name in re.findall(r"\bray_[a-z_]+", target["expr"])}  # fmt: skip
+    assert any(n.startswith("ray_oneword_") for n in queried) and any(n.startswith("ray_serve_") for n in queried)
+    for name in queried:
+        if name.startswith("ray_oneword_"):
+            assert re.sub(r"_(bucket|sum|count)$", "", name) in ours, name
+        else:
+            assert name in exported, (name, sorted(n for n in exported if n.startswith(name[:12])))

@@ -3,7 +3,9 @@
 - in ``values.schema.json``, the schemas of the chart's two free-form blocks, from the pydantic
   models that read them: ``serving.settings`` (``serving.settings.ServeSettings``) and
   ``training.job.manifest`` (``pipeline.jobs.spec.JobSpec``; empty while no job is configured);
-- ``README.md``'s values table, from ``values.yaml``'s ``# --`` comments and values.
+- ``README.md``'s values table, from ``values.yaml``'s ``# --`` comments and values;
+- ``dashboards/oneword.json``, the Grafana dashboard, from ``PANELS`` below (its queries name
+  metrics that tests check exist: oneword's own, declared in the code, and Ray's, scraped).
 
     python deploy/helm/generate.py           # rewrite both files
     python deploy/helm/generate.py --check   # exit 1 if either is out of date (tests/test_deploy.py does this)
@@ -61,6 +63,69 @@ def model_schemas() -> dict[str, dict[str, Any]]:
     }
 
 
+# Grafana panels: (title, unit, [(legend, PromQL)]). Rates over 1-5 minutes; latencies as p95.
+PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
+    ("Requests per second by status", "reqps",
+     [("{{status}}", "sum by (status) (rate(ray_oneword_http_requests_total[1m]))")]),
+    ("Generation latency p50 / p95", "s",
+     [(f"p{q}", f"histogram_quantile(0.{q}, sum by (le) (rate(ray_oneword_http_request_seconds_bucket"
+                f"{{route=\"/v1/generate\"}}[5m])))") for q in (50, 95)]),
+    ("Images per second", "short", [("images", "sum(rate(ray_oneword_images_generated_total[1m]))")]),
+    ("Images per pipeline call (p50)", "short",
+     [("images", "histogram_quantile(0.5, sum by (le) (rate(ray_oneword_batch_images_bucket[5m])))")]),
+    ("Concept resolutions by outcome", "ops",
+     [("{{outcome}}", "sum by (outcome) (rate(ray_oneword_concept_resolutions_total[5m]))")]),
+    ("Concept hot-load latency p95", "s",
+     [("p95", "histogram_quantile(0.95, sum by (le) (rate(ray_oneword_concept_load_seconds_bucket[5m])))")]),
+    ("Auth failures and refusals", "reqps",
+     [("auth failures", "sum(rate(ray_oneword_auth_failures_total[5m]))"),
+      ("{{reason}}", "sum by (reason) (rate(ray_oneword_requests_refused_total[5m]))")]),
+    ("Serve: requests queued and replicas healthy", "short",
+     [("queued", "sum(ray_serve_deployment_queued_queries)"),
+      ("healthy replicas", "sum(ray_serve_deployment_replica_healthy)")]),
+    ("Bulk jobs: concepts by state", "short",
+     [("{{job}} {{state}}", "sum by (job, state) (ray_oneword_job_concepts)")]),
+    ("Bulk jobs: training steps per second", "short",
+     [("{{job}}", "sum by (job) (rate(ray_oneword_train_steps_total[1m]))")]),
+    ("Bulk jobs: training loss (median)", "short",
+     [("{{job}}", "histogram_quantile(0.5, sum by (job, le) (rate(ray_oneword_train_loss_bucket[5m])))")]),
+    ("Bulk jobs: run restarts and storage outage waits (1 h)", "short",
+     [("{{job}} restarts", "sum by (job) (increase(ray_oneword_run_restarts_total[1h]))"),
+      ("{{job}} seconds waited", "sum by (job) (increase(ray_oneword_storage_wait_seconds_total[1h]))")]),
+    ("Bulk jobs: checkpoint and publish latency p95", "s",
+     [("{{job}} checkpoint", "histogram_quantile(0.95, sum by (job, le) "
+                             "(rate(ray_oneword_checkpoint_seconds_bucket[5m])))"),
+      ("{{job}} publish", "histogram_quantile(0.95, sum by (job, le) "
+                          "(rate(ray_oneword_publish_seconds_bucket[5m])))")]),
+    ("Bulk jobs: pack slots in use (median)", "short",
+     [("{{job}}", "histogram_quantile(0.5, sum by (job, le) (rate(ray_oneword_pack_active_slots_bucket[5m])))")]),
+    ("Registry operation latency p95", "s",
+     [("{{backend}} {{operation}}", "histogram_quantile(0.95, sum by (backend, operation, le) "
+                                    "(rate(ray_oneword_registry_operation_seconds_bucket[5m])))")]),
+    ("Ray nodes: CPU utilisation", "percent", [("{{instance}}", "ray_node_cpu_utilization")]),
+]  # fmt: skip
+
+
+def dashboard() -> str:
+    """The Grafana dashboard (schema version 39) of ``PANELS``, two per row."""
+    panels = []
+    for index, (title, unit, queries) in enumerate(PANELS):
+        panels.append({
+            "id": index + 1, "type": "timeseries", "title": title,
+            "datasource": {"type": "prometheus", "uid": "${datasource}"},
+            "gridPos": {"h": 8, "w": 12, "x": 12 * (index % 2), "y": 8 * (index // 2)},
+            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+            "targets": [{"refId": chr(65 + i), "expr": expr, "legendFormat": legend}
+                        for i, (legend, expr) in enumerate(queries)],
+        })  # fmt: skip
+    board = {
+        "uid": "oneword", "title": "oneword", "schemaVersion": 39, "editable": False, "tags": ["oneword", "ray"],
+        "time": {"from": "now-1h", "to": "now"}, "refresh": "30s", "panels": panels,
+        "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus"}]},
+    }  # fmt: skip
+    return json.dumps(board, indent=2) + "\n"
+
+
 def values_schema() -> str:
     schema = json.loads((CHART / "values.schema.json").read_text())
     for dotted, block in model_schemas().items():
@@ -114,8 +179,9 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="only check; exit 1 if a file is out of date")
     args = parser.parse_args()
     readme_path = CHART / "README.md"
-    outputs = {CHART / "values.schema.json": values_schema(), readme_path: readme(readme_path.read_text())}
-    stale = [path for path, text in outputs.items() if path.read_text() != text]
+    outputs = {CHART / "values.schema.json": values_schema(), readme_path: readme(readme_path.read_text()),
+               CHART / "dashboards" / "oneword.json": dashboard()}  # fmt: skip
+    stale = [path for path, text in outputs.items() if not path.is_file() or path.read_text() != text]
     if args.check:
         for path in stale:
             print(f"{path.relative_to(ROOT)} is out of date: run python deploy/helm/generate.py", file=sys.stderr)
