@@ -110,8 +110,8 @@ def recipe_variant(name: str, class_word: str = "shape") -> dict:
 def variants(steps: int, base: dict) -> dict[str, dict]:
     return {
         "recipe shapesworld": recipe_variant("shapesworld"),
-        # the same with the init word chosen from the images among the class's members (init_word_search)
-        "recipe shapesworld + init word search": {**recipe_variant("shapesworld"), "init_word_search": True},
+        # the recipe as it was before it chose the init word from the images: the class word itself
+        "recipe shapesworld without init word search": {**recipe_variant("shapesworld"), "init_word_search": False},
         "1 vector": {},
         "2 vectors": {"num_vectors": 2},
         "progressive": {"progressive_steps": [steps // 3, 2 * steps // 3]},

@@ -12,10 +12,11 @@ oneword=.venv/bin/oneword
 run() { echo "+ $*" >&2; "$@"; }
 
 run $oneword example-images "$OUT/images" --shape star --colour yellow --count 5
-# the shipped `shapesworld` recipe (`oneword recipes shapesworld` shows it; docs/quality.md): a light
-# pull toward the initialiser, the moving average of the iterates, and edit consistency: colours the
-# images do not have ("green <my-star>") must act on the new word as they act on other shapes (the
-# members of its class, "shape"), so the word leaves its colour to the prompt
+# the shipped `shapesworld` recipe (`oneword recipes shapesworld` shows it; docs/quality.md): the init
+# word chosen from the images among the members of the class "shape" (here the model's own "star"),
+# a light pull toward it, the moving average of the iterates, and edit consistency: colours the
+# images do not have ("green <my-star>") must act on the new word as they act on other shapes, so
+# the word leaves its colour to the prompt
 run $oneword train --recipe shapesworld --class-word shape --images "$OUT/images" --name my-star \
     --base-model shapesworld --out "$OUT/my-star" --export a1111 --resume
 run $oneword shapesworld-score --concept "$OUT/my-star/learned_embeds.safetensors" --shape star --colour yellow \

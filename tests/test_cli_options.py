@@ -10,7 +10,7 @@ import yaml
 
 from pipeline.cli.main import _parser
 from pipeline.cli.options import add_model_options, flag, given_values
-from pipeline.engine.config import InversionConfig
+from pipeline.engine.config import ConfigError, InversionConfig
 from pipeline.engine.recipes import resolve_config
 
 REQUIRED = ["train", "--images", "x", "--name", "n", "--base-model", "m", "--out", "o"]
@@ -68,7 +68,10 @@ def test_recipe_flag_and_class_word(tmp_path: Path):
     config = train_config("--recipe", "shapesworld", "--class-word", "shape", "--seed", "4")
     assert (config.recipe, config.init_word, config.seed, config.steps) == ("shapesworld", "shape", 4, 200)
     assert config.edit_reference_words == ["circle", "square", "triangle", "ring"]
-    assert train_config("--recipe", "shapesworld", "--steps", "20").steps == 20
+    assert train_config("--recipe", "shapesworld", "--class-word", "shape", "--steps", "20").steps == 20
+    with pytest.raises(ConfigError, match="give the concept's class_word"):  # the recipe's search needs a class
+        train_config("--recipe", "shapesworld")
+    assert train_config("--recipe", "shapesworld", "--no-init-word-search").init_word == "object"
 
 
 def test_generated_options_for_another_model():

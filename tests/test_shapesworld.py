@@ -81,9 +81,11 @@ def test_the_engine_learns_a_named_shape(shapesworld, tmp_path):
     # the shipped `shapesworld` recipe (docs/quality.md): edit consistency asks colours the images do
     # not have to act on the word as on other shapes (the class word's members), so "a red <my-star>"
     # comes out red; a light pull toward the initialiser; the saved vectors are the moving average
-    config = resolve_config(recipe="shapesworld", flags={"class_word": "shape", "seed": 0})
+    # learning from the class word: the recipe's init word search would start from "star" itself
+    config = resolve_config(recipe="shapesworld", flags={"class_word": "shape", "seed": 0, "init_word_search": False})
     assert (config.steps, config.init_word, config.edit_reference_words) == (
         200, "shape", ["circle", "square", "triangle", "ring"])  # fmt: skip
+    assert resolve_config(recipe="shapesworld", flags={"class_word": "shape"}).init_word_search  # the recipe searches
     engine = Inversion(shapesworld, images, config, "my-star")
     for _ in range(config.steps):
         engine.step()

@@ -254,8 +254,9 @@ class InversionConfig(BaseModel):
             raise ValueError("init_word_candidates needs init_word_search: the search that chooses among them")
         if self.init_word_search and not (self.init_word_candidates or self.search_candidates()):
             raise ValueError(
-                "init_word_search needs candidates: a class_word listed in the shipped word list, "
-                "or init_word_candidates"
+                "init_word_search needs candidates: give the concept's class_word (one listed in "
+                "pipeline/assets/class-words.yaml, e.g. shape or dog), or init_word_candidates, or turn "
+                "init_word_search off"
             )
         return self
 
