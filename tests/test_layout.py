@@ -19,8 +19,13 @@ ALLOWED = {
     "pipeline.engine": {"pipeline.errors", "pipeline.atomic_files"},
     "pipeline.store": {"pipeline.errors", "pipeline.atomic_files", "pipeline.metrics", "pipeline.engine"},
     "pipeline.shapesworld": {"pipeline.errors", "pipeline.engine"},
-    "pipeline.jobs": {"pipeline.errors", "pipeline.atomic_files", "pipeline.metrics", "pipeline.engine",
-                      "pipeline.store"},  # fmt: skip
+    "pipeline.jobs": {
+        "pipeline.errors",
+        "pipeline.atomic_files",
+        "pipeline.metrics",
+        "pipeline.engine",
+        "pipeline.store",
+    },
     "serving": {"pipeline.errors", "pipeline.metrics", "pipeline.engine", "pipeline.store"},
 }
 
