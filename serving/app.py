@@ -18,6 +18,7 @@ import asyncio
 import base64
 import difflib
 import io
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.engine.generation_options import GenerationOptions
 from serving import metrics
+from serving.generation_slots import GenerationSlots, OverloadedError
 from serving.metrics import RequestMetrics
 from serving.request_guard import RequestGuard, service_keys
 from serving.settings import ServeSettings
@@ -74,27 +76,29 @@ class OpenAIImageRequest(BaseModel):
 class ApiError(Exception):
     """An error with a stable code and HTTP status, reported as JSON."""
 
-    def __init__(self, status: int, code: str, message: str, **extra: Any):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any):
         super().__init__(message)
-        self.status, self.code, self.message, self.extra = status, code, message, extra
+        self.status, self.code, self.message, self.headers, self.extra = status, code, message, headers, extra
 
 
-def _error_response(request: Request, status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+def _error_response(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                    **extra: Any) -> JSONResponse:  # fmt: skip
     """The API's error body; ``request_id`` is Serve's id of the request (also the X-Request-Id
     response header, and in the replica's log lines), so a client's report finds the log."""
     body = {"code": code, "message": message, "request_id": request.headers.get("x-request-id"), **extra}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 # codes of requests refused for a limit (counted by reason in serving/metrics.py)
-LIMIT_CODES = {"too_many_images", "too_many_steps", "invalid_size", "over_compute_budget", "prompt_too_long", "timeout"}
+LIMIT_CODES = {"too_many_images", "too_many_steps", "invalid_size", "over_compute_budget", "prompt_too_long", "timeout",
+               "overloaded"}  # fmt: skip
 
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, err: ApiError) -> JSONResponse:
     if err.code in LIMIT_CODES:
         metrics.refused.inc(reason=err.code)
-    return _error_response(request, err.status, err.code, err.message, **err.extra)
+    return _error_response(request, err.status, err.code, err.message, err.headers, **err.extra)
 
 
 @api.exception_handler(RequestValidationError)
@@ -209,6 +213,7 @@ class Generator:
                                   check=lambda concept: check_compatible(concept, self.model),
                                   on_load=metrics.load_seconds.observe)  # fmt: skip
         self.busy_since: float | None = None  # when the running pipeline call started (monotonic)
+        self.slots = GenerationSlots(self.settings.max_ongoing_requests, self.settings.max_queued_requests)
         self._render_batch.set_max_batch_size(self.settings.max_batch_size)
         self._render_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         self.ready = True
@@ -277,6 +282,8 @@ class Generator:
         return steps, width, height
 
     async def _render(self, request: GenerateRequest) -> tuple[list, int, dict[str, str], int, int]:
+        """A request's images: checked, its concepts resolved, then a generation slot (waiting for
+        one in this replica's queue), all within ``request_timeout_s``."""
         steps, width, height = self._check_limits(request)
         # Concepts in the cache resolve right here; a miss asks the registry from a worker thread.
         resolved = self._resolve(request.prompt, request.negative_prompt, cached_only=True)
@@ -286,8 +293,16 @@ class Generator:
         job = RenderJob([resolved.prompt] * request.n, [resolved.negative] * request.n,
                         [seed + i for i in range(request.n)], resolved.vectors, steps, request.guidance_scale,
                         width, height)  # fmt: skip
+
+        async def in_a_slot() -> list:
+            async with self.slots.hold():
+                return await self._render_batch(job)
+
         try:
-            images = await asyncio.wait_for(self._render_batch(job), self.settings.request_timeout_s)
+            images = await asyncio.wait_for(in_a_slot(), self.settings.request_timeout_s)
+        except OverloadedError as err:
+            retry = str(max(0, math.ceil(self.settings.retry_after_s)))
+            raise ApiError(503, "overloaded", f"{err}; retry after {retry} s", {"Retry-After": retry}) from None
         except TimeoutError:
             limit = self.settings.request_timeout_s
             message = f"not done within request_timeout_s ({limit:g} s); try fewer images, steps or pixels"

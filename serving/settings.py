@@ -60,9 +60,17 @@ class ServeSettings(BaseModel):
     target_ongoing_requests: float = Field(2.0, gt=0, description="requests per replica autoscaling aims for")
     upscale_delay_s: float = Field(10.0, ge=0, description="seconds of load before a replica is added")
     downscale_delay_s: float = Field(300.0, ge=0, description="seconds of quiet before a replica is removed")
-    max_ongoing_requests: int = Field(16, ge=1, description="requests one replica works on at once")
-    max_queued_requests: int = Field(64, ge=-1, description="beyond this, 503 instead of waiting (-1: no limit)")
+    max_ongoing_requests: int = Field(16, ge=1, description="generation requests one replica works on at once")
+    max_queued_requests: int = Field(
+        64, ge=0, description="generation requests one replica keeps waiting; beyond, 503 instead of waiting"
+    )
+    max_light_requests: int = Field(
+        16, ge=1, description="health, readiness and concept requests one replica answers beside its generations"
+    )
     retry_after_s: float = Field(2.0, ge=0, description="the Retry-After header of that 503, in seconds")
+    keep_alive_timeout_s: int = Field(
+        5, ge=1, description="the HTTP proxy closes a connection idle this long (oneword serve; http_options in Serve)"
+    )
     num_gpus: float = Field(0.0, ge=0, le=8, description="GPU (fraction) per replica")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per replica")
     max_batch_size: int = Field(8, ge=1, description="requests batched into one pipeline call")
@@ -83,6 +91,13 @@ class ServeSettings(BaseModel):
             raise ValueError("default_steps must not exceed max_steps")
         return self
 
+    def http_options(self, host: str, port: int) -> dict[str, Any]:
+        """Serve's ``http_options`` for this service: the proxy drops idle connections after
+        ``keep_alive_timeout_s`` and answers 408 to requests past ``request_timeout_s`` plus the
+        body's deadline (the replica answers 504 first; this is the backstop for one that hangs)."""
+        return {"host": host, "port": port, "keep_alive_timeout_s": self.keep_alive_timeout_s,
+                "request_timeout_s": self.request_timeout_s + self.body_timeout_s + 30}  # fmt: skip
+
     def deployment_options(self) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``."""
         return {
@@ -94,7 +109,9 @@ class ServeSettings(BaseModel):
                 "downscale_delay_s": self.downscale_delay_s,
             },
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
-            "max_ongoing_requests": self.max_ongoing_requests,
+            # generations queue in the replica (serving/generation_slots.py), so that health and
+            # concept reads never wait behind them; Serve's own queue holds only what exceeds all that
+            "max_ongoing_requests": self.max_ongoing_requests + self.max_queued_requests + self.max_light_requests,
             "max_queued_requests": self.max_queued_requests,
             "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s},
             "health_check_period_s": self.health_check_period_s,

@@ -119,6 +119,7 @@ def test_serve_config_and_job_entrypoint_are_the_projects_real_ones():
     from ray.serve.schema import ServeDeploySchema
 
     from serving.app import build_app
+    from serving.settings import ServeSettings
 
     docs = render(PRODUCTION)
     [service] = [d for d in docs if d["kind"] == "RayService"]
@@ -130,6 +131,8 @@ def test_serve_config_and_job_entrypoint_are_the_projects_real_ones():
     assert (args["num_gpus"], args["min_replicas"], args["max_replicas"]) == (0.25, 2, 16)
     assert args["api_keys_file"] == "/etc/oneword/api-keys/keys"
     assert build_app(args)._bound_deployment.name == "oneword-generator"
+    # the proxy's idle and request timeouts are the ones the settings imply (ServeSettings.http_options)
+    assert config["http_options"] == ServeSettings(**args).http_options("0.0.0.0", 8000)
 
     [job] = [d for d in docs if d["kind"] == "RayJob"]
     module, command, path = job["spec"]["entrypoint"].split()[2:5]

@@ -333,7 +333,7 @@ def test_bounded_load_has_no_server_errors(service):
 
 
 def test_overload_is_refused_at_once_with_retry_after(service):
-    """Beyond 2 replicas x 8 ongoing + 16 queued, requests get 503 + Retry-After, not a wait."""
+    """Beyond 2 replicas x (8 running + 16 queued), requests get 503 + Retry-After, not a wait."""
     base, registry = service
     publish(registry, "crowded", 13)
     body = {"prompt": "a photo of <crowded>", "width": 64, "height": 64, "steps": 10, "n": 8}
@@ -350,6 +350,60 @@ def test_overload_is_refused_at_once_with_retry_after(service):
     assert len(served) >= 2 * 8 and len(refused) >= 1, results
     assert set(refused) == {"3"}
     assert post(base, "/v1/generate", {**body, "n": 1, "seed": 1}).status_code == 200  # and it recovers
+
+
+def test_generation_slots_run_some_queue_some_and_refuse_the_rest():
+    import asyncio
+
+    from serving.generation_slots import GenerationSlots, OverloadedError
+
+    async def scenario() -> None:
+        slots, release, order = GenerationSlots(2, 1), asyncio.Event(), []
+
+        async def generation(i: int) -> None:
+            async with slots.hold():
+                order.append(i)
+                await release.wait()
+
+        admitted = [asyncio.create_task(generation(i)) for i in range(3)]
+        await asyncio.sleep(0.01)
+        assert (slots.running, slots.waiting, order) == (2, 1, [0, 1])
+        with pytest.raises(OverloadedError, match="all 2 generation slots and 1 queue places"):
+            async with slots.hold():
+                pass
+        release.set()
+        await asyncio.gather(*admitted)
+        assert (slots.running, slots.waiting, order) == (0, 0, [0, 1, 2])
+        # a waiter whose deadline passes gives its place back
+        release.clear()
+        holders = [asyncio.create_task(generation(i)) for i in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(generation(9), 0.05)
+        assert (slots.running, slots.waiting) == (2, 0)
+        release.set()
+        await asyncio.gather(*holders)
+
+    asyncio.run(scenario())
+
+
+def test_health_and_concept_reads_do_not_wait_behind_generations(service):
+    """With the generation slots of both replicas taken and their queues filling (2 x (8 + 16)), health,
+    readiness and the concept API still answer before any of those generations is done: light
+    requests never take a generation slot (serving/generation_slots.py)."""
+    base, registry = service
+    publish(registry, "busy", 14)
+    body = {"prompt": "a photo of <busy>", "width": 64, "height": 64, "steps": 10, "n": 8}
+    with ThreadPoolExecutor(48) as pool:
+        futures = [pool.submit(post, base, "/v1/generate", {**body, "seed": i}) for i in range(40)]
+        time.sleep(1.0)  # the generations reach the replicas
+        light = [httpx.get(f"{base}{path}", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+                 for path in ("/healthz", "/readyz", "/v1/concepts", "/v1/concepts/busy")]  # fmt: skip
+        done_meanwhile = sum(f.done() for f in futures)
+        statuses = [f.result().status_code for f in futures]
+    assert [r.status_code for r in light] == [200, 200, 200, 200]
+    assert done_meanwhile < 8, done_meanwhile  # not even one replica's first pipeline call had finished
+    assert statuses.count(200) == 40, statuses  # every one admitted and served
 
 
 def test_killed_replica_under_load_loses_only_its_in_flight_requests(service, ray_head):
@@ -403,6 +457,7 @@ def test_serve_config_file_builds_the_app_and_validates():
     from ray.serve.schema import ServeDeploySchema
 
     from serving.app import build_app
+    from serving.settings import ServeSettings
 
     config = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "serve-config.yaml").read_text())
     ServeDeploySchema(**config)  # the schema `serve deploy` and KubeRay's serveConfigV2 use
@@ -411,7 +466,12 @@ def test_serve_config_file_builds_the_app_and_validates():
     app = build_app(application["args"])
     deployment = app._bound_deployment
     assert deployment.name == "oneword-generator"
-    assert deployment._deployment_config.max_ongoing_requests == application["args"]["max_ongoing_requests"]
+    settings = ServeSettings(**application["args"])
+    # a replica takes its generations, their queue and the light requests; generations queue inside it
+    assert deployment._deployment_config.max_ongoing_requests == (
+        settings.max_ongoing_requests + settings.max_queued_requests + settings.max_light_requests
+    )
+    assert config["http_options"] | settings.http_options("0.0.0.0", 8000) == config["http_options"]
     json_logs = build_app({**application["args"], "log_encoding": "JSON"})._bound_deployment
     assert json_logs._deployment_config.logging_config["encoding"] == "JSON"  # JSON lines with request ids
     assert os.environ.get("ONEWORD_TEST_NETNS") == "1"

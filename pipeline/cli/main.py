@@ -523,7 +523,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(http_options=settings.http_options(args.host, args.port))
         print(f"oneword serving {settings.base_model} on http://{args.host}:{args.port} (API docs at /docs); "
               "Ctrl-C stops", file=sys.stderr, flush=True)  # fmt: skip
         serve.run(build_app(settings.model_dump()), name="oneword", route_prefix="/", blocking=True)
