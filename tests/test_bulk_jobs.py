@@ -155,7 +155,14 @@ def test_job_via_jobs_api_publishes_reports_failures_and_is_idempotent(
     assert registry.versions("star-a") == [a[0].version]  # nothing retrained or republished
 
 
-def test_killed_train_worker_resumes_from_its_checkpoint_bit_identically(
+def controller_pid() -> int:
+    """The pid of the newest Ray Train controller actor on this machine."""
+    found = subprocess.run(["pgrep", "-n", "-f", "ray::TrainController"], capture_output=True, text=True)
+    assert found.returncode == 0, "no TrainController process"
+    return int(found.stdout.split()[0])
+
+
+def test_killed_train_worker_and_controller_resume_from_their_checkpoint_bit_identically(
     ray_head, s3_bucket, tiny_model_dir, star_dir, tmp_path
 ):
     steps, interval = 80, 20
@@ -174,12 +181,21 @@ def test_killed_train_worker_resumes_from_its_checkpoint_bit_identically(
     killed_at = progress["step"]
     os.kill(progress["pid"], signal.SIGKILL)  # the Train worker process, mid-training
 
+    # then the run's Train controller (FailureConfig does not cover it; the job fits the run again)
+    def past_the_next_checkpoint() -> dict | None:
+        p = read_json(storage, progress_key(spec.job, "sturdy"))
+        return p if p and p["attempt"] == 2 and p["step"] >= 2 * interval + 5 else None
+
+    restarted = wait_for(past_the_next_checkpoint, 400, "the restarted worker to pass a checkpoint", interval=0.2)
+    os.kill(controller_pid(), signal.SIGKILL)
+
     final = wait_for_end(manifest, env)
     entry = final["concepts"]["sturdy"]
-    assert final["state"] == "succeeded" and entry["state"] == "published" and entry["attempts"] == 2
+    assert final["state"] == "succeeded" and entry["state"] == "published" and entry["attempts"] == 3, entry
     after = read_json(storage, progress_key(spec.job, "sturdy"))
-    assert after["attempt"] == 2 and 0 < after["resumed_from"] <= killed_at + 5
-    assert killed_at - after["resumed_from"] <= interval + 5  # lost at most about one checkpoint interval
+    assert after["attempt"] == 3 and 2 * interval <= after["resumed_from"] <= restarted["step"] + 5
+    assert restarted["resumed_from"] <= killed_at
+    assert killed_at - restarted["resumed_from"] <= interval + 5  # lost at most about one checkpoint interval
     _, learned = Registry.open(f"s3://{s3_bucket}/registry").get("sturdy")
     assert torch.equal(learned.vectors, reference_vectors(tiny_model_dir, star_dir, steps))
 
@@ -211,6 +227,13 @@ def test_cancelled_driver_then_resubmit_skips_finished_and_resumes_unfinished(
     assert status["concepts"]["slow"]["state"] == "published"
     progress = read_json(storage, progress_key(spec.job, "slow"))
     assert progress["resumed_from"] >= 20  # continued from a checkpoint of the cancelled run
+    # the new run's records, told apart from the cancelled run's: attempts count again from 1
+    assert progress["token"] == status["run_token"] and progress["attempt"] == 1
+    assert status["counts"] == {"pending": 0, "running": 0, "published": 1, "skipped": 1, "failed": 0}
+    detail = json.loads(oneword("status", str(manifest), "--concept", "slow", env=env).stdout)
+    assert detail["state"] == "published" and detail["progress"]["step"] == 80
+    unknown = oneword("status", str(manifest), "--concept", "nobody", env=env)
+    assert unknown.returncode == 2 and "no concept 'nobody'" in unknown.stderr
     _, slow = Registry.open(f"s3://{s3_bucket}/registry").get("slow")
     assert torch.equal(slow.vectors, reference_vectors(tiny_model_dir, star_dir, 80))
 
@@ -219,16 +242,23 @@ def test_job_without_address_runs_in_this_process_with_folders(ray_head, tiny_mo
     """The single-developer default: no cluster address, no object store."""
     spec = {"job": "local-job", "base_model": str(tiny_model_dir), "registry": str(tmp_path / "registry"),
             "checkpoint_storage": str(tmp_path / "checkpoints"), "defaults": {**DEFAULTS, "steps": 10},
-            "checkpoint_interval": 5, "resources": {"cpu": 0.5},
+            "checkpoint_interval": 5, "resources": {"cpu": 0.5}, "log_format": "json",
             "concepts": [{"name": "local-star", "images": str(star_dir), "init_word": "shape"}]}  # fmt: skip
     manifest = tmp_path / "jobs.yaml"
     manifest.write_text(yaml.safe_dump(spec))
     result = oneword("submit", str(manifest), env=ray_head.env)
     assert result.returncode == 0, result.stderr
     assert "local-star" in result.stdout and "job local-job: 1 published, 0 skipped, 0 failed" in result.stdout
+    # log_format json: the driver's log lines are JSON objects naming the job and the concept
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    [published] = [line for line in lines if line["message"] == "published"]
+    assert (published["job"], published["concept"], published["attempts"]) == ("local-job", "local-star", 1)
+    assert published["version"] and published["time"].endswith("+00:00")
     _, learned = Registry.open(str(tmp_path / "registry")).get("local-star")
     assert torch.equal(learned.vectors, reference_vectors(tiny_model_dir, star_dir, 10))
     assert (tmp_path / "checkpoints" / "local-job--local-star").is_dir()  # Ray Train's run folder
+    status = json.loads(oneword("status", str(manifest), "--json", env=ray_head.env).stdout)
+    assert status["state"] == "succeeded" and status["submission_id"].startswith("local-local-job-")
 
 
 def test_job_via_ray_client(ray_head, s3_bucket, tiny_model_dir, star_dir, tmp_path):
@@ -293,6 +323,35 @@ concepts:
     overrides:
       steps: 0
 """
+
+
+def test_status_is_one_read_shows_a_silent_driver_as_stale_and_only_this_runs_progress(tiny_model_dir, tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    from pipeline.jobs.ray_train import status_key
+    from pipeline.jobs.submission import DRIVER_SILENT_S, format_status, read_concept, read_status
+
+    concepts = [{"name": name, "images": "i", "init_word": "shape"} for name in ("a", "b")]
+    manifest = {"job": "j", "base_model": str(tiny_model_dir), "registry": "r",
+                "checkpoint_storage": str(tmp_path / "c"), "concepts": concepts}  # fmt: skip
+    spec = parse_job_spec(yaml.safe_dump(manifest))
+    storage = job_storage(spec)
+    written = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    status = {"job": "j", "state": "running", "submission_id": "oneword-j-1", "run_token": "new",
+              "updated_at": written.isoformat(), "counts": {"pending": 1, "running": 1},
+              "concepts": {"a": {"state": "running", "step": 5, "steps": 60}, "b": {"state": "pending"}}}  # fmt: skip
+    storage.put(status_key("j"), json.dumps(status).encode())
+    storage.put(progress_key("j", "a"), json.dumps({"token": "new", "step": 6, "attempt": 1}).encode())
+    storage.put(progress_key("j", "b"), json.dumps({"token": "old", "step": 60, "attempt": 3}).encode())
+
+    fresh = read_status(spec, now=written + timedelta(seconds=10))
+    assert fresh["state"] == "running" and fresh["concepts"]["b"] == {"state": "pending"}  # not the old 60/60
+    assert "[1 pending, 1 running]" in format_status(fresh)
+    silent = read_status(spec, now=written + timedelta(seconds=DRIVER_SILENT_S + 30))
+    assert silent["state"] == "stale" and silent["silent_seconds"] == DRIVER_SILENT_S + 30
+    assert "oneword-j-1" in silent["error"] and "submit the manifest again" in silent["error"]
+    assert read_concept(spec, "a")["progress"]["step"] == 6  # this run's record
+    assert "progress" not in read_concept(spec, "b")  # an earlier run's record is not shown
 
 
 def test_manifest_errors_name_file_line_and_field():

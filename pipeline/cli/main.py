@@ -183,9 +183,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="http://HEAD:8265 (Jobs API) or ray://HEAD:10001 (Ray Client); "
                    "default: an embedded local Ray")  # fmt: skip
     p.add_argument("--watch", action="store_true", help="after submitting, show live progress until the job ends")
-    p = sub.add_parser("status", help="a bulk job's per-concept state, step, loss and ETA")
+    p = sub.add_parser("status", help="a bulk job's per-concept state, step, loss and ETA",
+                       description="A bulk job's status as its driver keeps it: one object read, whatever "
+                       "the job's size. A running job whose driver has been silent for a minute shows as "
+                       "stale.")  # fmt: skip
     p.add_argument("manifest", type=Path)
     p.add_argument("--watch", action="store_true", help="live progress bars until the job ends")
+    p.add_argument("--concept", metavar="NAME", help="one concept's detail, with its latest progress record")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("cancel", help="stop a running bulk job (checkpoints are kept for a resubmit)")
     p.add_argument("manifest", type=Path)
@@ -461,9 +465,12 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from pipeline.jobs.spec import load_job_spec
-    from pipeline.jobs.submission import format_status, read_status, status_json, watch
+    from pipeline.jobs.submission import format_status, read_concept, read_status, status_json, watch
 
     spec = load_job_spec(args.manifest)
+    if args.concept:
+        print(status_json(read_concept(spec, args.concept)))
+        return 0
     status = watch(spec) if args.watch else read_status(spec)
     print(status_json(status) if args.json else format_status(status))
     return 0

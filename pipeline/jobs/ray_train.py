@@ -27,9 +27,12 @@ With ``pack_size`` K > 1 the unit is a pack instead (``pipeline.engine.packing``
 The queues depend only on the manifest (``pack_queues``), so a resubmitted job finds its packs'
 checkpoints; a concept this job already published is passed over when its turn for a slot comes.
 
-Progress for ``oneword status`` lives next to the checkpoints: ``<job>/status.json`` (the
-driver's view, per concept) and ``<job>/progress/<concept>.json`` (the worker's step and loss,
-and the pack and slot that runs it).
+Progress for ``oneword status`` lives next to the checkpoints. Workers write
+``<job>/progress/<concept>.json`` (step, loss, ETA, attempt; a pack also its live slots in
+``<job>/packs/<pack>.live.json``), each marked with the run's token. The driver keeps the
+aggregate, ``<job>/status.json``: every concept's state, and the running ones' latest progress of
+this run, rewritten every poll. It reads one progress object per running unit, so ``oneword
+status`` reads one object whatever the job's size, and never shows an earlier run's progress.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ import torch
 from pipeline.engine.data import IMAGE_SUFFIXES, load_images
 from pipeline.errors import InputError, OnewordError
 from pipeline.jobs import metrics
+from pipeline.jobs.job_log import log
 from pipeline.jobs.spec import JobSpec
 from pipeline.store.storage import (
     Result,
@@ -159,6 +163,10 @@ def pack_key(job: str, pack: str) -> str:
     return f"{job}/packs/{pack}.json"
 
 
+def pack_live_key(job: str, pack: str) -> str:
+    return f"{job}/packs/{pack}.live.json"
+
+
 def status_key(job: str) -> str:
     return f"{job}/status.json"
 
@@ -166,7 +174,7 @@ def status_key(job: str) -> str:
 def wait_for_storage(spec: JobSpec, call: Callable[[], Result], who: str = "") -> Result:
     """``call()`` through an object-store outage of up to the job's ``storage_patience``; each wait
     is printed and its seconds counted (``storage_wait_seconds``)."""
-    return wait_out_outage(call, spec.storage_patience, lambda line: print(f"[{spec.job}] {who}: {line}", flush=True),
+    return wait_out_outage(call, spec.storage_patience, lambda line: log(spec, line, who or None),
                            on_pause=lambda seconds: metrics.storage_wait.inc(seconds, job=spec.job))  # fmt: skip
 
 
@@ -184,12 +192,13 @@ def train_loop(config: dict[str, Any]) -> None:
     from pipeline.store.model_cache import local_model_source
 
     torch.set_num_threads(1)
-    spec = JobSpec(**config["spec"])
+    spec, token = JobSpec(**config["spec"]), config["token"]
     concept = next(c for c in spec.concepts if c.name == config["concept"])
     inversion_config = spec.config_for(concept)
     storage, key = job_storage(spec), progress_key(spec.job, concept.name)
     previous = wait_for_storage(spec, lambda: read_json(storage, key), concept.name) or {}
-    attempt = int(previous.get("attempt", 0)) + 1
+    # attempts of this run (a restarted worker); a resubmitted job's run starts again at 1
+    attempt = int(previous.get("attempt", 0)) + 1 if previous.get("token") == token else 1
 
     device = ray.train.torch.get_device()
     dtype = resolve_dtype(inversion_config.precision, device)
@@ -214,13 +223,13 @@ def train_loop(config: dict[str, Any]) -> None:
         eta = (time.time() - started) / done * (inversion_config.steps - engine.step_count) if done else None
         record = {"concept": concept.name, "state": state, "step": engine.step_count,
                   "steps": inversion_config.steps, "loss": engine.last_loss, "eta_seconds": eta,
-                  "attempt": attempt, "resumed_from": resumed_from, "pid": os.getpid(),
+                  "attempt": attempt, "token": token, "resumed_from": resumed_from, "pid": os.getpid(),
                   "first_step_at": first_step_at, "updated_at": datetime.now(UTC).isoformat(),
                   "trained_at": time.time() if state == "trained" else None}  # fmt: skip
         try:
             _write_json(storage, key, record)
         except StorageUnavailableError as err:
-            print(f"[{spec.job}] {concept.name}: progress not written: {err}", flush=True)
+            log(spec, f"progress not written: {err}", concept.name, step=engine.step_count)
 
     def report(with_checkpoint: bool) -> None:
         reported = {"step": engine.step_count, "loss": engine.last_loss, "attempt": attempt}
@@ -287,8 +296,9 @@ def _check_images(spec: JobSpec, name: str) -> str | None:
     return None
 
 
-def train_one(spec_data: dict[str, Any], name: str) -> dict[str, Any]:
-    """Learns and publishes one concept (a Ray task); never raises, returns its outcome."""
+def train_one(spec_data: dict[str, Any], name: str, token: str) -> dict[str, Any]:
+    """Learns and publishes one concept (a Ray task); never raises, returns its outcome. ``token``
+    marks this run's progress records apart from an earlier run's."""
     from ray.train.torch import TorchTrainer
 
     from pipeline.engine.formats import LearnedConcept
@@ -314,7 +324,7 @@ def train_one(spec_data: dict[str, Any], name: str) -> dict[str, Any]:
             return asdict(outcome)
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"spec": spec_data, "concept": name},
+            train_loop_config={"spec": spec_data, "concept": name, "token": token},
             scaling_config=_scaling(spec),
             run_config=_run_config(spec, spec.run_name(name)),
         )
@@ -416,12 +426,23 @@ def pack_loop(config: dict[str, Any]) -> None:
             state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
         pack.load_state_dict(state, exact=restarted)
         running = ", ".join(f"{e.name} at step {e.step_count}" for e in pack.active()) or "no concept running"
-        print(f"[{spec.job}] {pack_id}: resumed at queue position {pack.next}, {running}", flush=True)
+        log(spec, f"resumed at queue position {pack.next}, {running}", pack_id, attempt=attempt)
     seen: dict[str, tuple[float, int]] = {}  # concept -> (time and step of its first step in this attempt)
+    live: dict[str, Any] = {"token": token, "active": {}, "ended": {}}  # what the driver shows of this pack
+
+    def write_live() -> None:
+        """Best effort: the driver keeps showing the last one it read."""
+        try:
+            _write_json(storage, pack_live_key(spec.job, pack_id), live)
+        except StorageUnavailableError as err:
+            log(spec, f"live progress not written: {err}", pack_id)
 
     def record(outcome: ConceptOutcome) -> None:
         value = {**asdict(outcome), "token": token}
         patiently(lambda: _write_json(storage, outcome_key(spec.job, outcome.name), value))
+        live["active"].pop(outcome.name, None)
+        live["ended"][outcome.name] = outcome.state
+        write_live()
 
     def progress(engine: Inversion, state: str) -> None:
         """Best effort, as for a single concept's run."""
@@ -429,14 +450,17 @@ def pack_loop(config: dict[str, Any]) -> None:
         done, steps = engine.step_count - resumed_from, engine.config.steps
         eta = (time.time() - since) / done * (steps - engine.step_count) if done else None
         entry = {"concept": engine.name, "state": state, "step": engine.step_count, "steps": steps,
-                  "loss": engine.last_loss, "eta_seconds": eta, "attempt": attempt, "resumed_from": resumed_from,
+                  "loss": engine.last_loss, "eta_seconds": eta, "attempt": attempt, "token": token,
+                  "resumed_from": resumed_from,
                   "pid": os.getpid(), "pack": pack_id, "slot": pack.slot_of(engine.name),
                   "first_step_at": since, "updated_at": datetime.now(UTC).isoformat(),
                   "trained_at": time.time() if state == "trained" else None}  # fmt: skip
         try:
             _write_json(storage, progress_key(spec.job, engine.name), entry)
         except StorageUnavailableError as err:
-            print(f"[{spec.job}] {engine.name}: progress not written: {err}", flush=True)
+            log(spec, f"progress not written: {err}", engine.name, step=engine.step_count, pack=pack_id)
+        live["active"][engine.name] = entry
+        write_live()
 
     def after_step(engine: Inversion, due: Due) -> None:
         if engine.name not in seen:
@@ -492,13 +516,13 @@ def pack_loop(config: dict[str, Any]) -> None:
     pack.run(finished=finished, failed=failed, after_step=after_step, checkpoint=save, skip=skip)
 
 
-def train_pack(spec_data: dict[str, Any], pack_id: str, queue: list[str]) -> list[dict[str, Any]]:
-    """Runs one pack (a Ray task); never raises, returns the outcome of every concept of its queue."""
+def train_pack(spec_data: dict[str, Any], pack_id: str, queue: list[str], token: str) -> list[dict[str, Any]]:
+    """Runs one pack (a Ray task); never raises, returns the outcome of every concept of its queue.
+    ``token`` marks this run's outcome and progress records apart from an earlier run's."""
     from ray.train.torch import TorchTrainer
 
     started = time.time()
     spec = JobSpec(**spec_data)
-    token = uuid.uuid4().hex  # marks this run's outcome files apart from an earlier submission's
 
     def patiently(call: Callable[[], Result]) -> Result:
         return wait_for_storage(spec, call, pack_id)
@@ -563,8 +587,8 @@ def _fit(spec: JobSpec, trainer, label: str, patiently: Callable[[Callable[[], R
         except Exception as err:
             if not _is_storage_outage(err) or time.monotonic() > deadline:
                 raise
-            print(f"[{spec.job}] {label}: Ray Train lost the object store ({_describe_failure(err)[:200]}); "
-                  "resuming the run from its last checkpoint once the store answers", flush=True)  # fmt: skip
+            log(spec, f"Ray Train lost the object store ({_describe_failure(err)[:200]}); resuming the run from "
+                "its last checkpoint once the store answers", label)  # fmt: skip
             patiently(lambda: read_json(job_storage(spec), status_key(spec.job)))
 
 
@@ -609,52 +633,89 @@ class JobSummary:
         return "\n".join(lines)
 
 
+# what a running concept's status entry shows of its latest progress record
+LIVE_FIELDS = ("step", "steps", "loss", "eta_seconds", "attempt", "pack", "slot")
+
+
 def run_job(spec: JobSpec, submission_id: str | None = None, poll_seconds: float = 2.0) -> JobSummary:
-    """Runs every concept of ``spec`` on the connected Ray cluster; returns when all have ended."""
+    """Runs every concept of ``spec`` on the connected Ray cluster; returns when all have ended.
+
+    Every poll it rewrites the job's status (``status_key``) from what it knows (pending, running,
+    ended) and the running units' latest progress of this run: one read per running concept or
+    pack, so a status read costs one object whatever the job's size."""
     import ray
 
     spec_data = spec.model_dump(mode="json")
     storage = job_storage(spec)
-    # the units the driver schedules: one concept each, or one pack each (pack_size > 1)
+    token = uuid.uuid4().hex  # marks this run's progress and outcome records apart from an earlier run's
+    # the units the driver schedules: one concept each, or one pack each (pack_size > 1), with the
+    # object that holds its live progress
     if spec.pack_size > 1:
         task = ray.remote(num_cpus=0, max_retries=0)(train_pack)
-        units = [(queue, lambda pack_id=pack_id, queue=queue: task.remote(spec_data, pack_id, queue))
+        units = [(queue, pack_live_key(spec.job, pack_id),
+                  lambda pack_id=pack_id, queue=queue: task.remote(spec_data, pack_id, queue, token))
                  for pack_id, queue in pack_queues(spec).items()]  # fmt: skip
     else:
         task = ray.remote(num_cpus=0, max_retries=0)(train_one)
-        units = [([c.name], lambda name=c.name: task.remote(spec_data, name)) for c in spec.concepts]
+        units = [([c.name], progress_key(spec.job, c.name), lambda name=c.name: task.remote(spec_data, name, token))
+                 for c in spec.concepts]  # fmt: skip
     pending = [c.name for c in spec.concepts]
-    running: dict[Any, list[str]] = {}
+    running: dict[Any, tuple[list[str], str]] = {}  # task -> its concepts and its live progress key
     outcomes: dict[str, ConceptOutcome] = {}
+    live: dict[str, dict[str, Any]] = {}  # running concept -> its latest progress of this run
+    ended_in_pack: dict[str, str] = {}  # concept -> the state its pack reported before the pack ended
     started_at = datetime.now(UTC).isoformat()
+
+    def refresh_live() -> None:
+        for names, key in running.values():
+            try:
+                record = read_json(storage, key)
+            except StorageUnavailableError:
+                return  # shown as last read; the next poll tries again
+            if not record or record.get("token") != token:
+                continue  # nothing written by this run yet
+            if spec.pack_size > 1:
+                live.update(record["active"])
+                ended_in_pack.update(record["ended"])
+            elif record.get("state") == "running":
+                live[names[0]] = record
 
     def write_status(state: str) -> None:
         concepts = {name: {"state": "pending"} for name in pending}
-        concepts.update({name: {"state": "running"} for names in running.values() for name in names})
+        for names, _ in running.values():
+            for name in names:
+                entry = {"state": ended_in_pack.get(name, "running")}
+                if entry["state"] == "running":
+                    entry.update({k: live[name][k] for k in LIVE_FIELDS if k in live.get(name, {})})
+                concepts[name] = entry
         concepts.update({name: asdict(o) for name, o in outcomes.items()})
         concepts = {c.name: concepts[c.name] for c in spec.concepts if c.name in concepts}  # manifest order
-        for counted in ("pending", "running", "published", "skipped", "failed"):
-            metrics.concepts.set(sum(c["state"] == counted for c in concepts.values()), job=spec.job, state=counted)
+        counts = {s: 0 for s in ("pending", "running", "published", "skipped", "failed")}
+        for entry in concepts.values():
+            counts[entry["state"]] = counts.get(entry["state"], 0) + 1
+        for counted, number in counts.items():
+            metrics.concepts.set(number, job=spec.job, state=counted)
         now = datetime.now(UTC).isoformat()
-        record = {"job": spec.job, "state": state, "submission_id": submission_id, "started_at": started_at,
-                  "updated_at": now, "pack_size": spec.pack_size, "concepts": concepts}  # fmt: skip
+        record = {"job": spec.job, "state": state, "submission_id": submission_id, "run_token": token,
+                  "started_at": started_at, "updated_at": now, "pack_size": spec.pack_size, "counts": counts,
+                  "concepts": concepts}  # fmt: skip
         if state != "running":  # the final word must land
             wait_for_storage(spec, lambda: _write_json(storage, status_key(spec.job), record), "status")
             return
         try:  # a running status lost to an outage is rewritten at the next poll
             _write_json(storage, status_key(spec.job), record)
         except StorageUnavailableError as err:
-            print(f"[{spec.job}] status not written: {err}", flush=True)
+            log(spec, f"status not written: {err}")
 
     write_status("running")
     while units or running:
         while units and len(running) < spec.max_concurrent:
-            names, start = units.pop(0)
-            running[start()] = names
+            names, key, start = units.pop(0)
+            running[start()] = (names, key)
             pending = [name for name in pending if name not in names]
         ready, _ = ray.wait(list(running), num_returns=1, timeout=poll_seconds)
         for ref in ready:
-            names = running.pop(ref)
+            names, _ = running.pop(ref)
             try:
                 results = ray.get(ref)
                 ended = [ConceptOutcome(**r) for r in (results if isinstance(results, list) else [results])]
@@ -662,9 +723,10 @@ def run_job(spec: JobSpec, submission_id: str | None = None, poll_seconds: float
                 ended = [ConceptOutcome(name, "failed", error=_describe_failure(err)) for name in names]
             for outcome in ended:
                 outcomes[outcome.name] = outcome
-                print(f"[{spec.job}] {outcome.name}: {outcome.state}"
-                      f"{' ' + outcome.version if outcome.version else ''}"
-                      f"{' (' + outcome.error + ')' if outcome.error else ''}", flush=True)  # fmt: skip
+                live.pop(outcome.name, None)
+                log(spec, outcome.state, outcome.name, version=outcome.version, attempts=outcome.attempts or None,
+                    error=outcome.error)  # fmt: skip
+        refresh_live()
         write_status("running")
     summary = JobSummary(spec.job, [outcomes[c.name] for c in spec.concepts])
     write_status("succeeded" if summary.ok else "failed")

@@ -101,6 +101,9 @@ class JobSpec(BaseModel):
     max_concurrent: int = Field(4, ge=1, le=10_000, description="concepts (packs, when pack_size > 1) running at once")
     keep_checkpoints: int = Field(2, ge=1, le=100)
     storage_patience: float = Field(600.0, ge=0, le=86_400, description="seconds to wait out an object-store outage")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="the job's log lines: text, or JSON lines with the job id, concept and fields in each"
+    )
 
     @field_validator("job")
     @classmethod

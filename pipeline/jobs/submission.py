@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +94,10 @@ def driver_actor_name(job: str) -> str:
 def run_local(spec: JobSpec) -> JobSummary:
     from pipeline.jobs.ray_train import ray_init_for_job
 
+    submission_id = f"local-{spec.job}-{time.strftime('%Y%m%d-%H%M%S')}"
+    mark_submitted(spec, submission_id)
     ray_init_for_job(None)
-    return run_job(spec)
+    return run_job(spec, submission_id=submission_id)
 
 
 def mark_submitted(spec: JobSpec, submission_id: str) -> None:
@@ -198,28 +201,52 @@ def cancel(spec: JobSpec, address: str) -> str:
     return f"stopped submission {submission}"
 
 
-def read_status(spec: JobSpec) -> dict[str, Any]:
-    """The job's status file merged with each running concept's latest progress."""
-    storage = job_storage(spec)
-    status = read_json(storage, status_key(spec.job))
+# A running job's driver rewrites its status every poll (2 s); this long without a word, it is
+# presumed gone (killed, or its node lost) and the status says so.
+DRIVER_SILENT_S = 60.0
+
+
+def read_status(spec: JobSpec, now: datetime | None = None) -> dict[str, Any]:
+    """The job's status as its driver last wrote it: one read, whatever the job's size. A job
+    whose driver has been silent for ``DRIVER_SILENT_S`` is shown as ``stale``."""
+    status = read_json(job_storage(spec), status_key(spec.job))
     if status is None:
         return {
             "job": spec.job,
             "state": "not started",
             "concepts": {c.name: {"state": "pending"} for c in spec.concepts},
         }
-    for name, entry in status["concepts"].items():
-        progress = read_json(storage, progress_key(spec.job, name)) or {}
-        for key in ("step", "steps", "loss", "eta_seconds", "attempt", "pack", "slot"):
-            if key in progress and entry.get(key) is None:
-                entry[key] = progress[key]
+    if status["state"] == "running" and status.get("updated_at"):
+        silent = ((now or datetime.now(UTC)) - datetime.fromisoformat(status["updated_at"])).total_seconds()
+        if silent > DRIVER_SILENT_S:
+            status["state"], status["silent_seconds"] = "stale", round(silent)
+            driver = status.get("submission_id") or "this job"
+            status["error"] = (f"no word from the driver of {driver} for {silent:.0f} s: it has stopped; submit "
+                               "the manifest again to resume (finished concepts are skipped, unfinished ones "
+                               "resume from their checkpoints)")  # fmt: skip
     return status
+
+
+def read_concept(spec: JobSpec, name: str) -> dict[str, Any]:
+    """One concept's detail on demand: its status entry, and its latest progress record when that
+    belongs to the job's current run (two reads)."""
+    if name not in {c.name for c in spec.concepts}:
+        raise InputError(f"job {spec.job} has no concept {name!r}")
+    status = read_status(spec)
+    detail = {"job": spec.job, "concept": name, **status["concepts"].get(name, {"state": "pending"})}
+    progress = read_json(job_storage(spec), progress_key(spec.job, name))
+    if progress and progress.get("token") == status.get("run_token"):
+        detail["progress"] = progress
+    return detail
 
 
 def format_status(status: dict[str, Any]) -> str:
     header = f"{'concept':<24}{'state':<11}{'step':>12}{'loss':>9}{'eta':>8}{'attempt':>9}  version / error"
+    counts = ", ".join(f"{n} {state}" for state, n in (status.get("counts") or {}).items() if n)
     lines = [
-        f"job {status['job']}: {status['state']}" + (f" ({status['error']})" if status.get("error") else ""),
+        f"job {status['job']}: {status['state']}"
+        + (f" [{counts}]" if counts else "")
+        + (f" ({status['error']})" if status.get("error") else ""),
         header,
     ]
     for name, entry in status["concepts"].items():
@@ -278,7 +305,7 @@ def watch(spec: JobSpec, interval: float = 2.0, address: str | None = None, subm
             loss = entry.get("loss")
             bar.set_postfix_str(f"{entry['state']}" + (f" loss {loss:.4f}" if isinstance(loss, float) else ""))
             bar.refresh()
-        if status["state"] in TERMINAL:
+        if status["state"] in TERMINAL or status["state"] == "stale":
             for bar in bars.values():
                 bar.close()
             return status
