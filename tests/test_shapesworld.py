@@ -136,3 +136,17 @@ def test_a_chosen_word_of_several_tokens_gets_a_vector_per_token():
     result = SearchResult("hourglass", "shape", {"shape": 0.2, "hourglass": 0.1}, {"hourglass": 5.0}, {})
     chosen = with_chosen_word(config, result, tokens=2)
     assert (chosen.init_word, chosen.num_vectors, chosen.init_word_search, chosen.seed) == ("hourglass", 2, False, 3)
+
+
+def test_a_chosen_word_becomes_edit_consistencys_reference_unless_references_were_given():
+    recipe = {"class_word": "shape", "init_word_search": True, "edit_consistency": 0.6, "edit_words": ["green"]}
+    config = make_config(recipe)
+    assert config.edit_reference_words == ["circle", "square", "triangle", "ring"]  # the class's members
+    found = SearchResult("hourglass", "shape", {"shape": 0.2, "hourglass": 0.1}, {"hourglass": 5.0}, {})
+    assert with_chosen_word(config, found, tokens=1).edit_reference_words == ["hourglass"]
+    # nothing found: the class word stays, and so do the members that stand in for a better word
+    kept = SearchResult("shape", "shape", {"shape": 0.2}, {}, {})
+    assert with_chosen_word(config, kept, tokens=1).edit_reference_words == ["circle", "square", "triangle", "ring"]
+    # references the user gave are the user's
+    given = make_config({**recipe, "edit_reference_words": ["oval"]})
+    assert with_chosen_word(given, found, tokens=1).edit_reference_words == ["oval"]

@@ -38,6 +38,11 @@ def class_members() -> dict[str, list[str]]:
     return {str(k): [str(w) for w in v] for k, v in yaml.safe_load(text).items()}
 
 
+def class_references(class_word: str | None) -> list[str]:
+    """Edit consistency's reference words for a class: its first ``REFERENCE_MEMBERS`` members."""
+    return class_members().get((class_word or "").lower(), [])[:REFERENCE_MEMBERS]
+
+
 class InversionConfig(BaseModel):
     """Hyper-parameters of one textual-inversion run (defaults follow the paper and diffusers' example)."""
 
@@ -169,8 +174,7 @@ class InversionConfig(BaseModel):
         data = dict(data)
         data.setdefault("init_word", data["class_word"])
         if data.get("edit_consistency") and not data.get("edit_reference_words"):
-            members = class_members().get(data["class_word"].lower(), [])
-            data["edit_reference_words"] = members[:REFERENCE_MEMBERS]
+            data["edit_reference_words"] = class_references(data["class_word"])
         return data
 
     @field_validator("templates", mode="before")

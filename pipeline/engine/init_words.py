@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.engine.config import InversionConfig, make_config
+from pipeline.engine.config import InversionConfig, class_references, make_config
 
 if TYPE_CHECKING:
     from pipeline.engine.inversion import Batch, Inversion
@@ -114,9 +114,14 @@ def search_init_word(engine: Inversion, config: InversionConfig) -> SearchResult
 
 
 def with_chosen_word(config: InversionConfig, result: SearchResult, tokens: int) -> InversionConfig:
-    """The config the run trains with: the chosen init word, enough vectors for its ``tokens``, and
-    the search off, so that the recorded config reproduces the run as it stands."""
+    """The config the run trains with: the chosen init word, enough vectors for its ``tokens``, the
+    chosen word as edit consistency's reference in place of the class's members, and the search
+    off, so that the recorded config reproduces the run as it stands."""
     values = config.model_dump()
     values.update(init_word=result.chosen, init_word_search=False, init_word_candidates=[],
                   num_vectors=max(config.num_vectors, tokens))  # fmt: skip
+    if result.chosen != result.baseline and config.edit_reference_words == class_references(config.class_word):
+        # the chosen word is the best reference the edits have: a word the model knows for these very
+        # images; the class's members only stand in for one (given references are kept)
+        values["edit_reference_words"] = [result.chosen]
     return make_config(values, "init_word_search")
