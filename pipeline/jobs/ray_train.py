@@ -55,6 +55,7 @@ import torch
 from pipeline.engine.data import IMAGE_SUFFIXES, load_images
 from pipeline.errors import InputError, OnewordError
 from pipeline.jobs import metrics
+from pipeline.jobs.checkpoints import newest_checkpoint, write_checkpoint
 from pipeline.jobs.job_log import log
 from pipeline.jobs.spec import JobSpec
 from pipeline.store.storage import (
@@ -67,7 +68,6 @@ from pipeline.store.storage import (
     wait_out_outage,
 )
 
-STATE_FILE = "state.pt"
 # Environment every Ray process of a job gets: one thread per worker (many share a node) and
 # pyarrow's S3 uploads in the form Ceph RGW and MinIO accept.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED"}
@@ -171,6 +171,22 @@ def status_key(job: str) -> str:
     return f"{job}/status.json"
 
 
+def concept_run(name: str) -> str:
+    """A concept's run, under which its checkpoints lie (``pipeline.jobs.checkpoints``)."""
+    return f"concepts/{name}"
+
+
+def pack_run(pack_id: str) -> str:
+    return f"packs/{pack_id}"
+
+
+def superseded(spec: JobSpec, token: str) -> bool:
+    """Whether another run of this job has taken over since the one of ``token`` started (its
+    driver's status names another run): processes of a killed driver can outlive it for a while,
+    and must not publish beside the resubmitted run."""
+    return (read_json(job_storage(spec), status_key(spec.job)) or {}).get("run_token") != token
+
+
 def wait_for_storage(spec: JobSpec, call: Callable[[], Result], who: str = "") -> Result:
     """``call()`` through an object-store outage of up to the job's ``storage_patience``; each wait
     is printed and its seconds counted (``storage_wait_seconds``)."""
@@ -184,7 +200,6 @@ def wait_for_storage(spec: JobSpec, call: Callable[[], Result], who: str = "") -
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on the Ray Train worker (see the module docstring)."""
     import ray.train
-    from ray.train import Checkpoint
 
     from pipeline.engine.inversion import Inversion
     from pipeline.engine.model import load_base_model, resolve_dtype
@@ -207,12 +222,12 @@ def train_loop(config: dict[str, Any]) -> None:
     min_side = inversion_config.min_image_side
     images = wait_for_storage(spec, lambda: load_concept_images(spec, concept.name, resolution, min_side), concept.name)
     engine = Inversion(model, images, inversion_config, concept.name)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            engine.load_state_dict(torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True))
+    run = concept_run(concept.name)
+    state = wait_for_storage(spec, lambda: newest_checkpoint(storage, spec.job, run), concept.name)
+    if state is not None:
+        engine.load_state_dict(state)
     resumed_from = engine.step_count
-    if checkpoint is not None or attempt > 1:
+    if state is not None or attempt > 1:
         metrics.restarts.inc(job=spec.job)
     started = time.time()
     first_step_at: float | None = None
@@ -231,15 +246,12 @@ def train_loop(config: dict[str, Any]) -> None:
         except StorageUnavailableError as err:
             log(spec, f"progress not written: {err}", concept.name, step=engine.step_count)
 
-    def report(with_checkpoint: bool) -> None:
-        reported = {"step": engine.step_count, "loss": engine.last_loss, "attempt": attempt}
-        if not with_checkpoint:
-            ray.train.report(reported)
-            return
+    def checkpoint() -> None:
+        """The engine's state on the job's storage (pipeline/jobs/checkpoints.py), waiting out an outage."""
         writing = time.perf_counter()
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(engine.state_dict(), Path(folder) / STATE_FILE)
-            ray.train.report(reported, checkpoint=Checkpoint.from_directory(folder))
+        state = engine.state_dict()
+        wait_for_storage(spec, lambda: write_checkpoint(storage, spec.job, run, engine.step_count, state,
+                                                        spec.keep_checkpoints), concept.name)  # fmt: skip
         metrics.checkpoint_seconds.observe(time.perf_counter() - writing, job=spec.job)
 
     def after_step(engine: Inversion, due: Due) -> None:
@@ -249,16 +261,12 @@ def train_loop(config: dict[str, Any]) -> None:
         if due.log:
             metrics.loss.observe(engine.last_loss, job=spec.job)
         if due.checkpoint:
-            report(with_checkpoint=True)
-        elif due.log:
-            report(with_checkpoint=False)
+            checkpoint()
         if due.log:
             progress("running")
 
     progress("running")
-    run_steps(engine, after_step)
-    if resumed_from == inversion_config.steps:  # finished before; the driver still needs a result
-        report(with_checkpoint=True)
+    run_steps(engine, after_step)  # the last step is always a checkpoint: the state the driver publishes
     progress("trained")
 
 
@@ -328,9 +336,13 @@ def train_one(spec_data: dict[str, Any], name: str, token: str) -> dict[str, Any
             scaling_config=_scaling(spec),
             run_config=_run_config(spec, spec.run_name(name)),
         )
-        result = _fit(spec, trainer, name, patiently)
-        with result.checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        _fit(spec, trainer, name, patiently)
+        if patiently(lambda: superseded(spec, token)):
+            outcome.error = "a newer run of this job took over; it publishes this concept"
+            return asdict(outcome)
+        state = patiently(lambda: newest_checkpoint(job_storage(spec), spec.job, concept_run(name)))
+        if state is None or int(state["step"]) != spec.config_for(concept).steps:
+            raise RuntimeError(f"the run ended without its final checkpoint (found step {state and state['step']})")
         progress = patiently(lambda: read_json(job_storage(spec), progress_key(spec.job, name))) or {}
         learned = LearnedConcept(
             name=name,
@@ -385,7 +397,6 @@ def pack_loop(config: dict[str, Any]) -> None:
     publishing each concept as it finishes; its state after every due checkpoint (see the module
     docstring). Each concept's outcome is written to ``<job>/outcomes/<concept>.json``."""
     import ray.train
-    from ray.train import Checkpoint
 
     from pipeline.engine.formats import LearnedConcept
     from pipeline.engine.inversion import Inversion
@@ -418,12 +429,11 @@ def pack_loop(config: dict[str, Any]) -> None:
         return lambda: patiently(lambda: load_concept_images(spec, name, resolution, configs[name].min_image_side))
 
     pack = Pack(model, [Request(name, configs[name], images(name)) for name in queue], spec.pack_size)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None or attempt > 1:
+    run = pack_run(pack_id)
+    state = patiently(lambda: newest_checkpoint(storage, spec.job, run))
+    if state is not None or attempt > 1:
         metrics.restarts.inc(job=spec.job)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    if state is not None:
         pack.load_state_dict(state, exact=restarted)
         running = ", ".join(f"{e.name} at step {e.step_count}" for e in pack.active()) or "no concept running"
         log(spec, f"resumed at queue position {pack.next}, {running}", pack_id, attempt=attempt)
@@ -486,6 +496,9 @@ def pack_loop(config: dict[str, Any]) -> None:
             final_loss=engine.last_loss,
             config={**engine.config.model_dump(mode="json"), "images": images_of[engine.name]},
         )
+        if patiently(lambda: superseded(spec, token)):
+            log(spec, "not published: a newer run of this job took over", engine.name)
+            return
         # published already if the worker died after publishing and before the next checkpoint
         publishing = time.perf_counter()
         manifest = patiently(lambda: registry.find(engine.name, job_id=spec.job)) or patiently(
@@ -502,16 +515,10 @@ def pack_loop(config: dict[str, Any]) -> None:
         record(ConceptOutcome(name, "failed", error=reason, attempts=attempt))
 
     def save(state: dict[str, Any]) -> None:
-        reported = {"active": len(pack.active()), "next": pack.next, "attempt": attempt}
         writing = time.perf_counter()
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(state, Path(folder) / STATE_FILE)
-            ray.train.report(reported, checkpoint=Checkpoint.from_directory(folder))
-        # The worker's report queue holds one: this returns once the controller has taken the
-        # checkpoint, so a worker killed from here on resumes from it.
-        ray.train.report(reported)
+        patiently(lambda: write_checkpoint(storage, spec.job, run, pack.steps_run, state, spec.keep_checkpoints))
         metrics.checkpoint_seconds.observe(time.perf_counter() - writing, job=spec.job)
-        metrics.pack_occupancy.observe(reported["active"], job=spec.job)
+        metrics.pack_occupancy.observe(len(pack.active()), job=spec.job)
 
     pack.run(finished=finished, failed=failed, after_step=after_step, checkpoint=save, skip=skip)
 
@@ -561,35 +568,57 @@ def _scaling(spec: JobSpec):
 
 
 def _run_config(spec: JobSpec, name: str):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import FailureConfig, RunConfig
 
+    # the run's own state goes here; its checkpoints the worker writes itself (pipeline/jobs/checkpoints.py)
     storage_path, filesystem = train_storage(spec.checkpoint_storage, spec.storage_patience)
     return RunConfig(
         name=name,
         storage_path=storage_path,
         storage_filesystem=filesystem,
         failure_config=FailureConfig(max_failures=spec.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
     )
 
 
 def _fit(spec: JobSpec, trainer, label: str, patiently: Callable[[Callable[[], Result]], Result]):
-    """``trainer.fit()``, fitted again (resuming from its last checkpoint) after an object-store outage.
+    """``trainer.fit()``, fitted again (resuming from its last checkpoint) when what failed was not
+    the training but what runs it:
 
-    Ray Train's controller gives up on a failed write of its own state, whatever FailureConfig
-    says. Wait for the store, then fit the same run again: it resumes from its last checkpoint, as
-    a resubmitted manifest would.
+    - the run's ``TrainController`` actor died (killed, or its node lost). Ray Train's
+      FailureConfig restarts workers, not the controller, whose death ``fit()`` raises as an actor
+      error. Up to ``max_failures`` controller deaths are fitted again, as worker deaths are
+      restarted (the new worker counts as the concept's next attempt);
+    - an object-store outage: Ray Train's controller gives up on a failed write of its own state,
+      whatever FailureConfig says. Wait for the store, then fit again.
+
+    Fitting the same run again resumes it from its last checkpoint, as a resubmitted manifest would.
     """
+    from ray.exceptions import RayActorError
+
     deadline = time.monotonic() + spec.storage_patience
+    controller_deaths = 0
     while True:
         try:
             return trainer.fit()
+        except RayActorError as err:
+            controller_deaths += 1
+            if controller_deaths > spec.max_failures:
+                raise ControllerDiedError(
+                    f"the Ray Train controller of this run died {controller_deaths} times, more than "
+                    f"max_failures ({spec.max_failures}); last: {_describe_failure(err)[:200]}"
+                ) from None
+            log(spec, f"the Ray Train controller died ({_describe_failure(err)[:200]}); resuming the run from its "
+                "last checkpoint", label, failures=controller_deaths, max_failures=spec.max_failures)  # fmt: skip
         except Exception as err:
             if not _is_storage_outage(err) or time.monotonic() > deadline:
                 raise
             log(spec, f"Ray Train lost the object store ({_describe_failure(err)[:200]}); resuming the run from "
                 "its last checkpoint once the store answers", label)  # fmt: skip
             patiently(lambda: read_json(job_storage(spec), status_key(spec.job)))
+
+
+class ControllerDiedError(OnewordError):
+    """A run's Ray Train controller died more often than the job's ``max_failures`` allows."""
 
 
 def _is_storage_outage(err: BaseException) -> bool:
@@ -680,7 +709,7 @@ def run_job(spec: JobSpec, submission_id: str | None = None, poll_seconds: float
             elif record.get("state") == "running":
                 live[names[0]] = record
 
-    def write_status(state: str) -> None:
+    def write_status(state: str, must_land: bool = False) -> None:
         concepts = {name: {"state": "pending"} for name in pending}
         for names, _ in running.values():
             for name in names:
@@ -699,7 +728,7 @@ def run_job(spec: JobSpec, submission_id: str | None = None, poll_seconds: float
         record = {"job": spec.job, "state": state, "submission_id": submission_id, "run_token": token,
                   "started_at": started_at, "updated_at": now, "pack_size": spec.pack_size, "counts": counts,
                   "concepts": concepts}  # fmt: skip
-        if state != "running":  # the final word must land
+        if must_land or state != "running":  # the first and the final word must land
             wait_for_storage(spec, lambda: _write_json(storage, status_key(spec.job), record), "status")
             return
         try:  # a running status lost to an outage is rewritten at the next poll
@@ -707,7 +736,7 @@ def run_job(spec: JobSpec, submission_id: str | None = None, poll_seconds: float
         except StorageUnavailableError as err:
             log(spec, f"status not written: {err}")
 
-    write_status("running")
+    write_status("running", must_land=True)  # the run's token is on storage before its tasks look for it
     while units or running:
         while units and len(running) < spec.max_concurrent:
             names, key, start = units.pop(0)
