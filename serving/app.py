@@ -401,12 +401,15 @@ class Generator:
 
     @api.get("/readyz")
     async def readyz(self, request: Request) -> Any:
-        """Ready when the model is loaded and no pipeline call has run past ``request_timeout_s``."""
+        """Ready when the model is loaded and no pipeline call has run past ``request_timeout_s``; says
+        how many generations this replica runs and queues."""
         busy = time.monotonic() - self.busy_since if self.busy_since is not None else 0.0
         if busy > self.settings.request_timeout_s:
             message = f"one generation has run for {busy:.0f} s, past request_timeout_s"
             return _error_response(request, 503, "stuck", message)
-        return {"status": "ready" if self.ready else "loading", "base_model": self.model.identity}
+        generations = {"running": self.slots.running, "waiting": self.slots.waiting}
+        return {"status": "ready" if self.ready else "loading", "base_model": self.model.identity,
+                "generations": generations}  # fmt: skip
 
     def check_health(self) -> None:
         """Serve's replica health check: a replica without a model is restarted."""

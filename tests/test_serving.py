@@ -389,21 +389,33 @@ def test_generation_slots_run_some_queue_some_and_refuse_the_rest():
 
 def test_health_and_concept_reads_do_not_wait_behind_generations(service):
     """With the generation slots of both replicas taken and their queues filling (2 x (8 + 16)), health,
-    readiness and the concept API still answer before any of those generations is done: light
-    requests never take a generation slot (serving/generation_slots.py)."""
+    readiness and the concept API still answer: light requests never take a generation slot
+    (serving/generation_slots.py). /readyz says what the answering replica was doing at that moment."""
     base, registry = service
     publish(registry, "busy", 14)
     body = {"prompt": "a photo of <busy>", "width": 64, "height": 64, "steps": 10, "n": 8}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    def full(readyz: httpx.Response) -> bool:  # all 8 slots running and more waiting on that replica
+        generations = readyz.json()["generations"]
+        return generations["running"] == 8 and generations["waiting"] >= 1
+
     with ThreadPoolExecutor(48) as pool:
         futures = [pool.submit(post, base, "/v1/generate", {**body, "seed": i}) for i in range(40)]
-        time.sleep(1.0)  # the generations reach the replicas
-        light = [httpx.get(f"{base}{path}", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
-                 for path in ("/healthz", "/readyz", "/v1/concepts", "/v1/concepts/busy")]  # fmt: skip
-        done_meanwhile = sum(f.done() for f in futures)
+        for _ in range(200):  # until the generations have reached a replica
+            first = httpx.get(f"{base}/readyz", timeout=60)
+            if full(first):
+                break
+            time.sleep(0.02)
+        light = [httpx.get(f"{base}{path}", headers=headers, timeout=60)
+                 for path in ("/healthz", "/v1/concepts", "/v1/concepts/busy", "/readyz")]  # fmt: skip
         statuses = [f.result().status_code for f in futures]
+    assert full(first), first.json()
     assert [r.status_code for r in light] == [200, 200, 200, 200]
-    assert done_meanwhile < 8, done_meanwhile  # not even one replica's first pipeline call had finished
+    assert full(light[-1]), light[-1].json()  # answered while a replica's slots were all taken and it had a queue
     assert statuses.count(200) == 40, statuses  # every one admitted and served
+    idle = httpx.get(f"{base}/readyz", timeout=60).json()
+    assert idle["generations"] == {"running": 0, "waiting": 0}, idle
 
 
 def test_killed_replica_under_load_loses_only_its_in_flight_requests(service, ray_head):
