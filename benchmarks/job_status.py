@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml
 
-from pipeline.jobs.ray_train import LIVE_FIELDS, job_storage, progress_key, read_json, status_key
+from pipeline.jobs.job_files import LIVE_FIELDS, job_storage, progress_key, read_json, status_key
 from pipeline.jobs.spec import load_job_spec
 from pipeline.jobs.submission import read_status
 from pipeline.store.storage import S3Settings

@@ -22,7 +22,7 @@ from pipeline.engine.data import load_images
 from pipeline.engine.inversion import Inversion
 from pipeline.engine.model import load_base_model
 from pipeline.jobs.checkpoints import checkpoint_keys, newest_checkpoint, write_checkpoint
-from pipeline.jobs.ray_train import concept_run, job_storage, progress_key, read_json
+from pipeline.jobs.job_files import concept_run, job_storage, progress_key, read_json
 from pipeline.jobs.spec import load_job_spec, parse_job_spec
 from pipeline.store.registry import Registry
 from pipeline.store.storage import StorageUnavailableError, wait_out_outage
@@ -338,7 +338,7 @@ concepts:
 def test_status_is_one_read_shows_a_silent_driver_as_stale_and_only_this_runs_progress(tiny_model_dir, tmp_path):
     from datetime import UTC, datetime, timedelta
 
-    from pipeline.jobs.ray_train import status_key
+    from pipeline.jobs.job_files import status_key
     from pipeline.jobs.submission import DRIVER_SILENT_S, format_status, read_concept, read_status
 
     concepts = [{"name": name, "images": "i", "init_word": "shape"} for name in ("a", "b")]
@@ -362,6 +362,16 @@ def test_status_is_one_read_shows_a_silent_driver_as_stale_and_only_this_runs_pr
     assert "oneword-j-1" in silent["error"] and "submit the manifest again" in silent["error"]
     assert read_concept(spec, "a")["progress"]["step"] == 6  # this run's record
     assert "progress" not in read_concept(spec, "b")  # an earlier run's record is not shown
+    # the command as users run it reads the same, and loads neither torch nor the diffusion libraries
+    (tmp_path / "jobs.yaml").write_text(yaml.safe_dump(manifest))
+    probe = (
+        "import json, sys; from pipeline.cli.main import main; main(['status', sys.argv[1], '--json']); "
+        "print(json.dumps(sorted(m for m in ('torch', 'diffusers', 'transformers', 'ray') if m in sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "jobs.yaml")], capture_output=True, text=True)
+    shown, loaded = result.stdout.strip().rsplit("\n", 1)
+    assert result.returncode == 0 and json.loads(shown)["concepts"]["a"]["step"] == 5, result.stderr
+    assert json.loads(loaded) == [], loaded
 
 
 def test_checkpoints_keep_the_newest_and_resume_from_the_newest_that_loads(s3_env, s3_bucket, tmp_path):

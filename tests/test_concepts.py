@@ -5,13 +5,13 @@ from diffusers import StableDiffusionPipeline
 from pipeline.engine.concepts import (
     ConceptRef,
     InvalidNameError,
-    PromptEncoder,
     PromptTooLongError,
     UnknownConceptError,
     concept_refs,
     parse_prompt,
     validate_name,
 )
+from pipeline.engine.prompt_encoder import PromptEncoder
 
 from .conftest import DIM
 

@@ -17,7 +17,8 @@ from pipeline.engine.inversion import Inversion
 from pipeline.engine.model import load_base_model
 from pipeline.engine.packing import Pack, Request
 from pipeline.engine.training import run_steps
-from pipeline.jobs.ray_train import job_storage, pack_queues, progress_key, read_json
+from pipeline.jobs.job_files import job_storage, progress_key, read_json
+from pipeline.jobs.ray_train import pack_queues
 from pipeline.jobs.spec import load_job_spec
 from pipeline.store.registry import Registry
 

@@ -570,9 +570,15 @@ def _device(name: str | None):
     return device
 
 
+# commands that never load a model: they skip importing diffusers and transformers (seconds)
+BOOKKEEPING_COMMANDS = {"recipes", "registry", "submit", "status", "cancel"}
+
+
 def _quiet_libraries() -> None:
     """Hides library chatter (weight-loading bars, optional-dependency notices) from CLI output."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # for processes these commands start
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     import diffusers
     import transformers
 
@@ -601,7 +607,8 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _quiet_libraries()
+    if args.command not in BOOKKEEPING_COMMANDS:
+        _quiet_libraries()
     from pipeline.errors import InputError, OnewordError
 
     try:

@@ -15,9 +15,9 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from pipeline.engine.concepts import PromptEncoder
 from pipeline.engine.formats import LearnedConcept
 from pipeline.engine.model import BaseModel
+from pipeline.engine.prompt_encoder import PromptEncoder
 from pipeline.errors import InputError
 
 

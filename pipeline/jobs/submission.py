@@ -21,19 +21,14 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import InputError, OnewordError
-from pipeline.jobs.ray_train import (
-    WORKER_ENV,
-    JobSummary,
-    job_storage,
-    progress_key,
-    read_json,
-    run_job,
-    status_key,
-)
+from pipeline.jobs.job_files import job_storage, progress_key, read_json, status_key
 from pipeline.jobs.spec import JobSpec
+
+if TYPE_CHECKING:
+    from pipeline.jobs.ray_train import JobSummary
 
 RAY_NAMESPACE = "oneword"
 TERMINAL = {"succeeded", "failed", "stopped"}
@@ -92,7 +87,7 @@ def driver_actor_name(job: str) -> str:
 
 
 def run_local(spec: JobSpec) -> JobSummary:
-    from pipeline.jobs.ray_train import ray_init_for_job
+    from pipeline.jobs.ray_train import ray_init_for_job, run_job
 
     submission_id = f"local-{spec.job}-{time.strftime('%Y%m%d-%H%M%S')}"
     mark_submitted(spec, submission_id)
@@ -116,6 +111,8 @@ AGENT_PATIENCE_S = 60.0
 
 def submit_jobs_api(spec: JobSpec, address: str) -> str:
     """Submits the driver through the Jobs API; returns the submission id."""
+    from pipeline.jobs.ray_train import WORKER_ENV  # torch and Ray Train: only where a job starts
+
     client = _jobs_client(address)  # fails early on a wrong address or token, before anything is recorded
     submission_id = f"oneword-{spec.job}-{time.strftime('%Y%m%d-%H%M%S')}"
     mark_submitted(spec, submission_id)
@@ -146,6 +143,8 @@ class _JobDriver:
     def run(self, spec_data: dict[str, Any]) -> None:
         import ray
 
+        from pipeline.jobs.ray_train import run_job
+
         try:
             run_job(JobSpec(**spec_data), submission_id=f"actor:{driver_actor_name(spec_data['job'])}")
         finally:
@@ -154,6 +153,8 @@ class _JobDriver:
 
 def submit_ray_client(spec: JobSpec, address: str) -> str:
     """Starts the driver as a detached actor through Ray Client; returns the actor's name."""
+    from pipeline.jobs.ray_train import WORKER_ENV
+
     token, _ = ray_auth_token()
     if token:  # Ray Client reads the token from its environment
         os.environ.setdefault("RAY_AUTH_MODE", "token")
