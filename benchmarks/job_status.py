@@ -35,8 +35,7 @@ import yaml
 from pipeline.jobs.job_files import LIVE_FIELDS, job_storage, progress_key, read_json, status_key
 from pipeline.jobs.spec import load_job_spec
 from pipeline.jobs.submission import read_status
-from pipeline.store.storage import S3Settings
-from tests.ceph_rgw import CephRGW
+from tests.ceph_rgw import s3_bucket_on_loopback
 
 
 def timed(fn, repetitions: int) -> list[float]:
@@ -105,36 +104,33 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=5, help="repetitions per measurement (default 5)")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="oneword-status-bench-") as tmp:
-        server = CephRGW(Path(tmp) / "rgw").start()
-        try:
-            os.environ.update(server.env)
-            S3Settings.from_env(server.env).client().make_bucket(bucket_name="bench")
-            manifest = Path(tmp) / "jobs.yaml"
-            concepts = [{"name": f"concept-{i:05d}", "images": "s3://bench/images/x/", "init_word": "dog"}
-                        for i in range(args.concepts)]  # fmt: skip
-            job = {"job": "big", "base_model": "shapesworld", "registry": str(Path(tmp) / "r"),
-                   "checkpoint_storage": "s3://bench/checkpoints", "concepts": concepts}  # fmt: skip
-            manifest.write_text(yaml.safe_dump(job))
-            lay_out(manifest, args.concepts, args.running)
-            size = len(job_storage(load_job_spec(manifest)).get(status_key("big")))
-            cli = [sys.executable, "-m", "pipeline.cli", "status", str(manifest), "--json"]
+    with (
+        tempfile.TemporaryDirectory(prefix="oneword-status-bench-") as tmp,
+        s3_bucket_on_loopback(Path(tmp) / "rgw", "bench"),
+    ):
+        manifest = Path(tmp) / "jobs.yaml"
+        concepts = [{"name": f"concept-{i:05d}", "images": "s3://bench/images/x/", "init_word": "dog"}
+                    for i in range(args.concepts)]  # fmt: skip
+        job = {"job": "big", "base_model": "shapesworld", "registry": str(Path(tmp) / "r"),
+               "checkpoint_storage": "s3://bench/checkpoints", "concepts": concepts}  # fmt: skip
+        manifest.write_text(yaml.safe_dump(job))
+        lay_out(manifest, args.concepts, args.running)
+        size = len(job_storage(load_job_spec(manifest)).get(status_key("big")))
+        cli = [sys.executable, "-m", "pipeline.cli", "status", str(manifest), "--json"]
 
-            def command() -> None:
-                result = subprocess.run(cli, capture_output=True, text=True, timeout=120)
-                assert result.returncode == 0, result.stderr
-                assert len(json.loads(result.stdout)["concepts"]) == args.concepts
+        def command() -> None:
+            result = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+            assert result.returncode == 0, result.stderr
+            assert len(json.loads(result.stdout)["concepts"]) == args.concepts
 
-            rows = {
-                f"baseline: status + {args.concepts} progress reads": timed(lambda: baseline_status(manifest),
-                                                                            args.repetitions),
-                "read_status (one read)": timed(lambda: read_status(load_job_spec(manifest)), args.repetitions * 4),
-                "oneword status --json (new process)": timed(command, args.repetitions),
-                f"driver per poll ({args.running} running)": timed(lambda: driver_poll(manifest, args.running),
-                                                                   args.repetitions * 4),
-            }  # fmt: skip
-        finally:
-            server.stop()
+        rows = {
+            f"baseline: status + {args.concepts} progress reads": timed(lambda: baseline_status(manifest),
+                                                                        args.repetitions),
+            "read_status (one read)": timed(lambda: read_status(load_job_spec(manifest)), args.repetitions * 4),
+            "oneword status --json (new process)": timed(command, args.repetitions),
+            f"driver per poll ({args.running} running)": timed(lambda: driver_poll(manifest, args.running),
+                                                               args.repetitions * 4),
+        }  # fmt: skip
     baseline = statistics.median(next(iter(rows.values())))
     print(f"{'measurement':<44}{'median s':>10}{'min s':>8}{'max s':>8}{'vs baseline':>13}")
     for label, samples in rows.items():

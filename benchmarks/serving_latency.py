@@ -99,17 +99,13 @@ def main() -> None:
     from pipeline.engine.generation import ImageGenerator
     from pipeline.engine.model import build_tiny_model, load_base_model
     from pipeline.store.registry import Registry
-    from pipeline.store.storage import S3Settings
     from serving.app import build_app
     from serving.concept_cache import ConceptCache
-    from tests.ceph_rgw import CephRGW, free_port
+    from tests.ceph_rgw import free_port, s3_bucket_on_loopback
 
     with tempfile.TemporaryDirectory(prefix="oneword-serve-bench-") as tmp:
         workdir = Path(tmp)
-        server = CephRGW(workdir / "rgw").start()
-        try:
-            os.environ.update(server.env)
-            S3Settings.from_env().client().make_bucket(bucket_name="bench")
+        with s3_bucket_on_loopback(workdir / "rgw", "bench"):
             location = "s3://bench/registry"
             registry = Registry.open(location)
             model_dir = build_tiny_model(workdir / "tiny")
@@ -186,8 +182,6 @@ def main() -> None:
                                                                        statistics.median(mixed_rates))  # fmt: skip
             serve.shutdown()
             ray.shutdown()
-        finally:
-            server.stop()
 
     print(f"\n{'variant':<14}{'concurrency':>12}{'images/s':>10}{'p50 ms':>9}{'p95 ms':>9}")
     for label, concurrency, rate, p50, p95 in rows:

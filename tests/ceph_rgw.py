@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,6 +225,21 @@ class CephRGW:
         for name in ("client.rgw", "osd.0", "mon.a"):
             self._kill(name)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def s3_bucket_on_loopback(root: Path, bucket: str) -> Iterator[CephRGW]:
+    """A running server holding an empty ``bucket``, its settings in this process's environment
+    (what benchmarks need); stopped and removed afterwards."""
+    from pipeline.store.storage import S3Settings
+
+    server = CephRGW(root).start()
+    try:
+        os.environ.update(server.env)
+        S3Settings.from_env(server.env).client().make_bucket(bucket_name=bucket)
+        yield server
+    finally:
+        server.stop()
 
 
 def main() -> None:
