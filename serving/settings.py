@@ -98,6 +98,11 @@ class ServeSettings(BaseModel):
         return {"host": host, "port": port, "keep_alive_timeout_s": self.keep_alive_timeout_s,
                 "request_timeout_s": self.request_timeout_s + self.body_timeout_s + 30}  # fmt: skip
 
+    @property
+    def replica_capacity(self) -> int:
+        """Requests one replica holds: its generations, their queue and the light requests."""
+        return self.max_ongoing_requests + self.max_queued_requests + self.max_light_requests
+
     def deployment_options(self) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``."""
         return {
@@ -110,9 +115,11 @@ class ServeSettings(BaseModel):
             },
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             # generations queue in the replica (serving/generation_slots.py), so that health and
-            # concept reads never wait behind them; Serve's own queue holds only what exceeds all that
-            "max_ongoing_requests": self.max_ongoing_requests + self.max_queued_requests + self.max_light_requests,
-            "max_queued_requests": self.max_queued_requests,
+            # concept reads never wait behind them. Serve's own queue, at each proxy, holds requests
+            # until a replica is chosen: a burst waits there for moments, so it gets one replica's
+            # whole capacity (a smaller one refused probes during a burst of generations).
+            "max_ongoing_requests": self.replica_capacity,
+            "max_queued_requests": self.replica_capacity,
             "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s},
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,

@@ -480,9 +480,9 @@ def test_serve_config_file_builds_the_app_and_validates():
     assert deployment.name == "oneword-generator"
     settings = ServeSettings(**application["args"])
     # a replica takes its generations, their queue and the light requests; generations queue inside it
-    assert deployment._deployment_config.max_ongoing_requests == (
-        settings.max_ongoing_requests + settings.max_queued_requests + settings.max_light_requests
-    )
+    capacity = settings.max_ongoing_requests + settings.max_queued_requests + settings.max_light_requests
+    assert deployment._deployment_config.max_ongoing_requests == capacity
+    assert deployment._deployment_config.max_queued_requests == capacity  # a burst waits at the proxy
     assert config["http_options"] | settings.http_options("0.0.0.0", 8000) == config["http_options"]
     json_logs = build_app({**application["args"], "log_encoding": "JSON"})._bound_deployment
     assert json_logs._deployment_config.logging_config["encoding"] == "JSON"  # JSON lines with request ids
