@@ -150,6 +150,17 @@ def wait_for_storage(spec: JobSpec, call: Callable[[], Result], who: str = "") -
                            on_pause=lambda seconds: metrics.storage_wait.inc(seconds, job=spec.job))  # fmt: skip
 
 
+class SupersededError(Exception):
+    """A newer run of this job has taken over: this run's worker stops (and never publishes)."""
+
+
+def stop_if_superseded(spec: JobSpec, token: str, who: str) -> None:
+    """Asked at every checkpoint: a killed driver's workers can outlive it, and without this they
+    would train on beside the resubmitted run (same checkpoints, twice the compute) until done."""
+    if wait_for_storage(spec, lambda: superseded(spec, token), who):
+        raise SupersededError("a newer run of this job took over: this run's worker stops")
+
+
 # --- the worker: one concept's training loop ------------------------------------------------------
 
 
@@ -204,6 +215,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     def checkpoint() -> None:
         """The engine's state on the job's storage (pipeline/jobs/checkpoints.py), waiting out an outage."""
+        stop_if_superseded(spec, token, concept.name)
         writing = time.perf_counter()
         state = engine.state_dict()
         wait_for_storage(spec, lambda: write_checkpoint(storage, spec.job, run, engine.step_count, state,
@@ -222,7 +234,11 @@ def train_loop(config: dict[str, Any]) -> None:
             progress("running")
 
     progress("running")
-    run_steps(engine, after_step)  # the last step is always a checkpoint: the state the driver publishes
+    try:
+        run_steps(engine, after_step)  # the last step is always a checkpoint: the state the driver publishes
+    except SupersededError as stop:
+        log(spec, str(stop), concept.name, step=engine.step_count)
+        return
     progress("trained")
 
 
@@ -471,12 +487,16 @@ def pack_loop(config: dict[str, Any]) -> None:
         record(ConceptOutcome(name, "failed", error=reason, attempts=attempt))
 
     def save(state: dict[str, Any]) -> None:
+        stop_if_superseded(spec, token, pack_id)
         writing = time.perf_counter()
         patiently(lambda: write_checkpoint(storage, spec.job, run, pack.steps_run, state, spec.keep_checkpoints))
         metrics.checkpoint_seconds.observe(time.perf_counter() - writing, job=spec.job)
         metrics.pack_occupancy.observe(len(pack.active()), job=spec.job)
 
-    pack.run(finished=finished, failed=failed, after_step=after_step, checkpoint=save, skip=skip)
+    try:
+        pack.run(finished=finished, failed=failed, after_step=after_step, checkpoint=save, skip=skip)
+    except SupersededError as stop:
+        log(spec, str(stop), pack_id, step=pack.steps_run)
 
 
 def train_pack(spec_data: dict[str, Any], pack_id: str, queue: list[str], token: str) -> list[dict[str, Any]]:
