@@ -152,6 +152,7 @@ def main() -> None:
             results: dict[str, float] = {}
             for batch in (8, 1):
                 settings = {"base_model": str(model_dir), "registry": location, "max_batch_size": batch,
+                            "allow_anonymous": True,  # loopback only: no keys needed
                             "batch_wait_timeout_s": 0.01, "num_cpus": 1, "max_ongoing_requests": 32,
                             "max_queued_requests": 256, "min_size": 16, "max_size": 64}  # fmt: skip
                 serve.run(build_app(settings), name="oneword", route_prefix="/")
