@@ -211,6 +211,9 @@ def main() -> None:
           f"{', '.join(f'{k}: {v}' for k, v in sorted(statuses.items()))}")  # fmt: skip
     print(f"changes meanwhile: {published} versions published, {history.deletes} old versions deleted; "
           f"concept_ttl_s {TTL:g}")  # fmt: skip
+    overloaded = [a.started - soak_start for a in answers if a.status == 503]
+    if overloaded:
+        print(f"503 overloaded answers from {min(overloaded):.1f} s to {max(overloaded):.1f} s into the soak")
     print(f"latency of the 200s: p50 {statistics.median(ok):.0f} ms, p99 {percentile(ok, 0.99):.0f} ms")
     stale = staleness(answers, history)
     print(f"staleness: {stale:.2f} s at most (an older version served after a newer one was published)")
