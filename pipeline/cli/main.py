@@ -1,6 +1,6 @@
 """The ``oneword`` command.
 
-    oneword tiny-model OUT                      build the offline test model
+    oneword tiny-model OUT [--arch sdxl]        build the offline test model
     oneword example-images OUT                  draw a few images of a shape concept
     oneword train --recipe NAME --class-word WORD --images DIR --name NAME --base-model PATH --out DIR
     oneword recipes [NAME]                      list the shipped training recipes, or show one
@@ -121,10 +121,12 @@ def _parser() -> argparse.ArgumentParser:
     add_model_options(p.add_argument_group("generation options (the HTTP API's request fields)"), GenerationOptions,
                       aliases={"n": ["--num-images"]}, skip={"prompt"})  # fmt: skip
 
-    p = sub.add_parser("tiny-model", help="build a small random SD-1.x-shaped model for offline use")
+    p = sub.add_parser("tiny-model", help="build a small random SD-1.x- or SDXL-shaped model for offline use")
     p.add_argument("out", type=Path, help="output folder (diffusers layout)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
+    p.add_argument("--arch", choices=["sd", "sdxl"], default="sd",
+                   help="sd: one text encoder (SD 1.x); sdxl: two, of different widths (SDXL)")  # fmt: skip
 
     p = sub.add_parser("example-images", help="draw a few ShapesWorld images of one shape concept")
     p.add_argument("out", type=Path, help="output folder")
@@ -334,8 +336,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from pipeline.engine.model import build_tiny_model
 
-    build_tiny_model(args.out, seed=args.seed, prediction_type=args.prediction_type)
-    print(f"wrote tiny model to {args.out}")
+    build_tiny_model(args.out, seed=args.seed, prediction_type=args.prediction_type, arch=args.arch)
+    print(f"wrote tiny {args.arch} model to {args.out}")
     return 0
 
 

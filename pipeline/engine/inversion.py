@@ -38,7 +38,6 @@ from pipeline.engine.data import templates_for, with_image_token
 from pipeline.engine.init_words import search_init_word, with_chosen_word
 from pipeline.engine.losses import attribute_basis, edit_consistency_from, extra_loss, plan_edit
 from pipeline.engine.model import BaseModel
-from pipeline.engine.prompt_encoder import PromptEncoder
 from pipeline.errors import InputError
 
 STATE_FORMAT = 1
@@ -97,7 +96,7 @@ class Inversion:
         self.model, self.config, self.name = model, config, name
         self.device = model.device
         self.token = placeholder(name)
-        self.encoder = PromptEncoder(model.tokenizer, model.text_encoder)
+        self.encoder = model.prompt_encoder()
         self.unet = compiled(model.unet) if config.compile_unet else model.unet
         self.templates = templates_for(config.templates)
         self.attribute_basis = (attribute_basis(model, config.known_attributes)
@@ -338,10 +337,12 @@ def predict_packed(first: Inversion, parts: Sequence[Part]) -> list[torch.Tensor
     prompts = [p for batch, _ in parts for p in batch.prompts]
     joined = Batch(torch.cat([b.latents for b, _ in parts]), torch.cat([b.noise for b, _ in parts]),
                    torch.cat([b.timesteps for b, _ in parts]), prompts)  # fmt: skip
-    hidden = first.encoder.encode(joined.prompts, table)
+    conditioning = first.encoder.condition(joined.prompts, table)
     noisy = first.model.noise_scheduler.add_noise(joined.latents, joined.noise, joined.timesteps)
-    dtype = first.model.dtype
-    out = first.unet(noisy.to(dtype), joined.timesteps, encoder_hidden_states=hidden.to(dtype)).sample.float()
+    model = first.model
+    height, width = (side * model.vae_scale_factor for side in joined.latents.shape[-2:])
+    out = first.unet(noisy.to(model.dtype), joined.timesteps,
+                     **conditioning.unet_kwargs(height, width, model.dtype)).sample.float()  # fmt: skip
     return list(out.split([len(b.prompts) for b, _ in parts]))
 
 

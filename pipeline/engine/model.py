@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from pipeline.engine.prompt_encoder import PromptEncoder
 from pipeline.errors import InputError
 
 CLIP_VOCAB_SIZE = 49408
@@ -59,7 +60,7 @@ def _clip_bpe_file() -> Path:
     return path
 
 
-def write_clip_tokenizer(out_dir: Path) -> CLIPTokenizer:
+def write_clip_tokenizer(out_dir: Path, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """Writes CLIP's 49,408-token vocabulary (vocab.json, merges.txt) and returns the tokenizer.
 
     Rebuilt as CLIP does it: 256 byte symbols, the same with ``</w>``, one entry per merge
@@ -75,7 +76,7 @@ def write_clip_tokenizer(out_dir: Path) -> CLIPTokenizer:
     tokenizer = CLIPTokenizer(
         vocab={token: i for i, token in enumerate(vocab)},
         merges=merges,
-        pad_token="<|endoftext|>",
+        pad_token=pad_token,  # SDXL's second tokenizer pads with "!" (id 0), as OpenCLIP did
         model_max_length=CLIP_MAX_LENGTH,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,17 +111,45 @@ SD_SCHEDULER_CONFIG = dict(
 )  # fmt: skip
 
 
-def build_tiny_model(out_dir: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """Builds a small, randomly initialised SD-1.x-shaped pipeline in diffusers layout (~35 MB).
+# SDXL's shape at toy size: a second, wider text encoder with a projection (768/1280 -> 128/192),
+# cross-attention over both encoders' states side by side, and the UNet's size and pooled-text
+# conditioning (addition_time_embed_dim 256 -> 8; 6 size numbers + the projection go in).
+TINY_TEXT_CONFIG_2 = dict(TINY_TEXT_CONFIG, hidden_size=192, intermediate_size=768, hidden_act="gelu",
+                          projection_dim=192)  # fmt: skip
+TINY_XL_UNET_CONFIG = dict(
+    TINY_UNET_CONFIG, cross_attention_dim=128 + 192, addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 192,
+)  # fmt: skip
+ARCHITECTURES = ("sd", "sdxl")
+
+
+def build_tiny_model(out_dir: Path, seed: int = 0, prediction_type: str = "epsilon", arch: str = "sd") -> Path:
+    """Builds a small, randomly initialised SD-1.x-shaped (or SDXL-shaped) pipeline in diffusers
+    layout (~35 MB).
 
     Real architecture classes and the real CLIP tokenizer at toy sizes: every code path that
     touches a real model runs against it offline, in seconds.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if arch not in ARCHITECTURES:
+        raise InputError(f"architecture {arch!r}: use one of {', '.join(ARCHITECTURES)}")
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     tokenizer = write_clip_tokenizer(out_dir / "tokenizer")
+    if arch == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=AutoencoderKL(**TINY_VAE_CONFIG),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG)),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_CONFIG_2)),
+            tokenizer=tokenizer,
+            tokenizer_2=write_clip_tokenizer(out_dir / "tokenizer_2", pad_token="!"),
+            unet=UNet2DConditionModel(**TINY_XL_UNET_CONFIG),
+            scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG, prediction_type=prediction_type),
+            add_watermarker=False,
+        )
+        pipe.save_pretrained(out_dir)
+        return out_dir
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL(**TINY_VAE_CONFIG),
         text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG)),
@@ -151,6 +180,25 @@ class BaseModel:
     scheduler_config: dict = field(repr=False)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    tokenizer_2: CLIPTokenizer | None = None  # SDXL's second text encoder and its tokenizer
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt conditions on zeros
+
+    @property
+    def architecture(self) -> str:
+        return "sdxl" if self.text_encoder_2 is not None else "sd"
+
+    @property
+    def text_encoders(self) -> list[CLIPTextModel]:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+
+    @property
+    def embedding_dims(self) -> tuple[int, ...]:
+        """Each text encoder's input width; a concept's rows hold them side by side."""
+        return tuple(int(encoder.config.hidden_size) for encoder in self.text_encoders)
+
+    def prompt_encoder(self) -> PromptEncoder:
+        return PromptEncoder(self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2)
 
     @property
     def prediction_type(self) -> str:
@@ -167,11 +215,12 @@ class BaseModel:
 
     @property
     def embedding_dim(self) -> int:
-        return int(self.text_encoder.config.hidden_size)
+        """The width of a concept's rows: every text encoder's input width, summed."""
+        return sum(self.embedding_dims)
 
     @property
     def identity(self) -> str:
-        return text_encoder_identity(self.text_encoder)
+        return "+".join(text_encoder_identity(encoder) for encoder in self.text_encoders)
 
     def token_embedding(self, word: str) -> torch.Tensor:
         """The input embedding of a word that must be a single token (fp32 copy)."""
@@ -183,7 +232,13 @@ class BaseModel:
     def text_embeddings(self, text: str) -> torch.Tensor:
         """The input embeddings of every token of ``text``, ``[tokens, dim]`` (fp32 copy)."""
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        return self.text_encoder.get_input_embeddings().weight[ids].detach().float().clone()
+        rows = [self.text_encoder.get_input_embeddings().weight[ids]]
+        if self.text_encoder_2 is not None:  # the same words in the second encoder's space, side by side
+            ids_2 = self.tokenizer_2(text, add_special_tokens=False).input_ids
+            if len(ids_2) != len(ids):
+                raise InputError(f"{text!r} is {len(ids)} tokens for the first tokenizer, {len(ids_2)} for the second")
+            rows.append(self.text_encoder_2.get_input_embeddings().weight[ids_2])
+        return torch.cat([r.detach().float() for r in rows], dim=-1).clone()
 
 
 def text_encoder_identity(text_encoder: torch.nn.Module) -> str:
@@ -268,21 +323,32 @@ def load_base_model(
     device = torch.device(device) if device is not None else default_device()
     if Path(source).exists() and not (Path(source) / "model_index.json").is_file():
         raise ModelLoadError(f"{source}: not a diffusers model folder (no model_index.json)")
+    second: dict = {}
     try:
+        index = _model_index(source)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(
             source, subfolder="text_encoder", torch_dtype=dtype, attn_implementation="sdpa"
         )
+        if index.get("text_encoder_2", [None])[-1] is not None:  # SDXL: the architecture comes from the model
+            second["tokenizer_2"] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2")
+            second["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                source, subfolder="text_encoder_2", torch_dtype=dtype, attn_implementation="sdpa"
+            )
+            second["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
         scheduler_config = _scheduler_config(source)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load base model {source!r}: {err}") from None
-    tokenizer.model_max_length = min(tokenizer.model_max_length, CLIP_MAX_LENGTH)
-    for module in (text_encoder, vae, unet):
-        module.requires_grad_(False)
-        module.eval()
-        module.to(device)
+    for tok in (tokenizer, second.get("tokenizer_2")):
+        if tok is not None:
+            tok.model_max_length = min(tok.model_max_length, CLIP_MAX_LENGTH)
+    for module in (text_encoder, second.get("text_encoder_2"), vae, unet):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+            module.to(device)
     return BaseModel(
         source=source,
         tokenizer=tokenizer,
@@ -293,4 +359,13 @@ def load_base_model(
         scheduler_config=scheduler_config,
         device=device,
         dtype=dtype,
+        **second,
     )
+
+
+@lru_cache(maxsize=4)
+def _model_index(source: str) -> dict:
+    """The pipeline's ``model_index.json``: which components it has (SDXL: a second text encoder)."""
+    from diffusers import DiffusionPipeline
+
+    return dict(DiffusionPipeline.load_config(source))

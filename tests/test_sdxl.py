@@ -1,0 +1,113 @@
+"""SDXL-shaped models: two text encoders, a concept's rows side by side, the UNet's pooled and size
+conditioning; checked against diffusers' own StableDiffusionXLPipeline on the tiny SDXL model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from pipeline.cli.main import main
+from pipeline.engine.config import InversionConfig
+from pipeline.engine.formats import LearnedConcept
+from pipeline.engine.generation import ImageGenerator, IncompatibleConceptError, check_compatible
+from pipeline.engine.inversion import Inversion
+from pipeline.engine.model import TINY_TEXT_CONFIG, TINY_TEXT_CONFIG_2, load_base_model
+
+WIDTHS = (TINY_TEXT_CONFIG["hidden_size"], TINY_TEXT_CONFIG_2["hidden_size"])
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-sdxl")
+    assert main(["tiny-model", str(out), "--arch", "sdxl"]) == 0  # as users build it
+    return out
+
+
+@pytest.fixture(scope="module")
+def sdxl(sdxl_dir):
+    return load_base_model(sdxl_dir, "cpu")
+
+
+@pytest.fixture(scope="module")
+def plain_pipe(sdxl_dir) -> StableDiffusionXLPipeline:
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_the_architecture_comes_from_the_model(sdxl, model):
+    assert (sdxl.architecture, model.architecture) == ("sdxl", "sd")
+    assert sdxl.embedding_dims == WIDTHS and sdxl.embedding_dim == sum(WIDTHS)
+    assert sdxl.tokenizer_2.pad_token == "!" and sdxl.tokenizer_2.pad_token_id == 0  # as SDXL's second
+    assert sdxl.identity.count("+") == 1 and sdxl.identity.split("+")[0] != sdxl.identity.split("+")[1]
+    assert sdxl.token_embedding("shape").shape == (sum(WIDTHS),)
+    assert sdxl.resolution == 64
+
+
+def test_plain_prompts_condition_the_unet_as_diffusers_does(sdxl, plain_pipe):
+    """Penultimate states of both encoders side by side, and the second's pooled projection."""
+    prompts = ["a photo of a star", "a red square on a blue background"]
+    hidden, _, pooled, _ = plain_pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    ours = sdxl.prompt_encoder().condition(prompts, {})
+    assert ours.hidden.shape == (2, 77, sum(WIDTHS)) and ours.pooled.shape == (2, TINY_TEXT_CONFIG_2["projection_dim"])
+    torch.testing.assert_close(ours.hidden, hidden, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.pooled, pooled, rtol=0, atol=1e-5)
+
+
+def test_a_concept_generates_what_diffusers_generates_with_the_rows_loaded_per_encoder(sdxl, sdxl_dir):
+    """A concept's first columns go to the first encoder, the rest to the second: loaded into a
+    plain pipeline with two ``load_textual_inversion`` calls, it gives the same images."""
+    vectors = torch.randn(2, sum(WIDTHS), generator=torch.Generator().manual_seed(1)) * 0.02
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_textual_inversion(vectors[:, : WIDTHS[0]], token="<blob>", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)  # fmt: skip
+    pipe.load_textual_inversion(vectors[:, WIDTHS[0] :], token="<blob>", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)  # fmt: skip
+    prompt = "a watercolour of <blob> on a boat"
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # what oneword generates with
+    theirs = pipe(prompt, num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(7),
+                  output_type="np").images[0]  # fmt: skip
+    ours = ImageGenerator(sdxl).generate([prompt], {"blob": vectors}, seeds=[7], steps=4, guidance_scale=5.0)[0]
+    ours = np.asarray(ours, dtype=np.float32) / 255
+    assert ours.shape == theirs.shape == (64, 64, 3)
+    assert np.abs(ours - theirs).max() <= 1 / 255 + 1e-6  # the same image, up to 8-bit rounding
+    other = ImageGenerator(sdxl).generate([prompt], {"blob": -vectors}, seeds=[7], steps=4, guidance_scale=5.0)[0]
+    assert np.abs(np.asarray(other, dtype=np.float32) / 255 - ours).max() > 0.02  # the concept matters
+
+
+def test_inversion_trains_both_encoders_rows_and_resumes_exactly(sdxl, star_images):
+    config = InversionConfig(steps=4, batch_size=2, learning_rate=5e-3, init_word="shape", seed=0)
+    engine = Inversion(sdxl, star_images, config, "star")
+    start = engine.learned_vectors().clone()
+    for _ in range(2):
+        engine.step()
+    state = engine.state_dict()
+    for _ in range(2):
+        engine.step()
+    learned = engine.learned_vectors()
+    assert learned.shape == (1, sum(WIDTHS)) and np.isfinite(engine.last_loss)
+    moved = (learned - start).abs()
+    assert moved[:, : WIDTHS[0]].max() > 0 and moved[:, WIDTHS[0] :].max() > 0  # both encoders' rows learn
+    resumed = Inversion(sdxl, star_images, config, "star")
+    resumed.load_state_dict(state)
+    for _ in range(2):
+        resumed.step()
+    assert torch.equal(resumed.learned_vectors(), learned)
+
+
+def test_concepts_of_the_other_architecture_are_refused_naming_both(sdxl, model):
+    sd_concept = LearnedConcept("old", torch.zeros(1, WIDTHS[0]), base_model=model.identity)
+    xl_concept = LearnedConcept("new", torch.zeros(1, sum(WIDTHS)), base_model=sdxl.identity)
+    check_compatible(xl_concept, sdxl)
+    with pytest.raises(IncompatibleConceptError, match=r"'old' was learned on an SD 1.x/2.x model; this base model is "
+                                                       r"SDXL \(128 \+ 192-dimensional"):  # fmt: skip
+        check_compatible(sd_concept, sdxl)
+    with pytest.raises(IncompatibleConceptError, match="'new' was learned on an SDXL model; this base model is SD 1.x"):
+        check_compatible(xl_concept, model)
