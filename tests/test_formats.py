@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from pipeline.engine.formats import (
     ConceptFileError,
@@ -75,13 +75,23 @@ def test_kohya_import(tmp_path, suffix):
     assert torch.equal(loaded.vectors, vectors)
 
 
-def test_sdxl_pair_picks_the_half_that_fits(tmp_path):
+def test_sdxl_pair_is_one_concept_for_both_encoders_and_not_for_an_sd_model(tmp_path):
     clip_l, clip_g = torch.randn(2, 768), torch.randn(2, 1280)
     save_file({"clip_l": clip_l, "clip_g": clip_g}, str(tmp_path / "xl.safetensors"))
-    assert torch.equal(load_concept_file(tmp_path / "xl.safetensors", dim=1280).vectors, clip_g)
-    assert torch.equal(load_concept_file(tmp_path / "xl.safetensors", dim=768).vectors, clip_l)
-    with pytest.raises(ConceptFileError, match="none matches this model's dimension 64"):
-        load_concept_file(tmp_path / "xl.safetensors", dim=64)
+    loaded = load_concept_file(tmp_path / "xl.safetensors", dim=2048)
+    assert (loaded.name, loaded.source, loaded.widths, loaded.architecture) == ("xl", "sdxl", (768, 1280), "sdxl")
+    assert torch.equal(loaded.vectors, torch.cat([clip_l, clip_g], dim=-1))
+    for dim in (768, 1280):  # neither half stands in for a concept of an SD 1.x/2.x model
+        with pytest.raises(ConceptFileError, match=rf"an SDXL embedding \(clip_l 768 \+ clip_g 1280 wide\); this "
+                                                   rf"model is not SDXL \({dim}-dimensional"):  # fmt: skip
+            load_concept_file(tmp_path / "xl.safetensors", dim=dim)
+    # exported again, it is the same file content; a .pt name is refused with the name to use
+    assert save_a1111(loaded, tmp_path / "again.safetensors") == tmp_path / "again.safetensors"
+    again = load_file(str(tmp_path / "again.safetensors"))
+    assert torch.equal(again["clip_l"], clip_l) and torch.equal(again["clip_g"], clip_g)
+    with pytest.raises(ConceptFileError, match="is a .safetensors with clip_l and clip_g; name it x.safetensors"):
+        save_a1111(loaded, tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_diffusers_bin_with_a_single_token(tmp_path):

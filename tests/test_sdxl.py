@@ -3,19 +3,22 @@ conditioning; checked against diffusers' own StableDiffusionXLPipeline on the ti
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+from safetensors.torch import load_file
 
 from pipeline.cli.main import main
 from pipeline.engine.config import InversionConfig
-from pipeline.engine.formats import LearnedConcept
+from pipeline.engine.formats import LearnedConcept, a1111_file_name, load_concept_file, save_a1111
 from pipeline.engine.generation import ImageGenerator, IncompatibleConceptError, check_compatible
 from pipeline.engine.inversion import Inversion
 from pipeline.engine.model import TINY_TEXT_CONFIG, TINY_TEXT_CONFIG_2, load_base_model
+from pipeline.store.registry import Registry
 
 WIDTHS = (TINY_TEXT_CONFIG["hidden_size"], TINY_TEXT_CONFIG_2["hidden_size"])
 
@@ -58,28 +61,55 @@ def test_plain_prompts_condition_the_unet_as_diffusers_does(sdxl, plain_pipe):
     torch.testing.assert_close(ours.pooled, pooled, rtol=0, atol=1e-5)
 
 
-def test_a_concept_generates_what_diffusers_generates_with_the_rows_loaded_per_encoder(sdxl, sdxl_dir):
-    """A concept's first columns go to the first encoder, the rest to the second: loaded into a
-    plain pipeline with two ``load_textual_inversion`` calls, it gives the same images."""
+def test_the_exported_file_generates_in_plain_diffusers_what_oneword_generates(sdxl, sdxl_dir, tmp_path):
+    """The A1111/Forge/ComfyUI file (clip_l, clip_g), loaded into a plain pipeline with one
+    ``load_textual_inversion`` call per encoder, gives the images oneword gives with the concept."""
     vectors = torch.randn(2, sum(WIDTHS), generator=torch.Generator().manual_seed(1)) * 0.02
+    concept = LearnedConcept("blob", vectors, base_model=sdxl.identity, widths=sdxl.concept_widths)
+    path = save_a1111(concept, tmp_path / a1111_file_name(concept))
+    assert path.name == "blob.a1111.safetensors"
+    pair = load_file(str(path))
+    assert {k: tuple(v.shape) for k, v in pair.items()} == {"clip_l": (2, WIDTHS[0]), "clip_g": (2, WIDTHS[1])}
+
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_textual_inversion(vectors[:, : WIDTHS[0]], token="<blob>", text_encoder=pipe.text_encoder,
+    pipe.load_textual_inversion(pair["clip_l"], token="<blob>", text_encoder=pipe.text_encoder,
                                 tokenizer=pipe.tokenizer)  # fmt: skip
-    pipe.load_textual_inversion(vectors[:, WIDTHS[0] :], token="<blob>", text_encoder=pipe.text_encoder_2,
+    pipe.load_textual_inversion(pair["clip_g"], token="<blob>", text_encoder=pipe.text_encoder_2,
                                 tokenizer=pipe.tokenizer_2)  # fmt: skip
-    prompt = "a watercolour of <blob> on a boat"
-    from diffusers import DDIMScheduler
-
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # what oneword generates with
+    prompt = "a watercolour of <blob> on a boat"
     theirs = pipe(prompt, num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(7),
                   output_type="np").images[0]  # fmt: skip
-    ours = ImageGenerator(sdxl).generate([prompt], {"blob": vectors}, seeds=[7], steps=4, guidance_scale=5.0)[0]
+    imported = load_concept_file(path, dim=sdxl.embedding_dim)
+    generator = ImageGenerator(sdxl)
+    ours = generator.generate([prompt], {"blob": imported.vectors}, seeds=[7], steps=4, guidance_scale=5.0)[0]
     ours = np.asarray(ours, dtype=np.float32) / 255
     assert ours.shape == theirs.shape == (64, 64, 3)
     assert np.abs(ours - theirs).max() <= 1 / 255 + 1e-6  # the same image, up to 8-bit rounding
-    other = ImageGenerator(sdxl).generate([prompt], {"blob": -vectors}, seeds=[7], steps=4, guidance_scale=5.0)[0]
+    other = generator.generate([prompt], {"blob": -vectors}, seeds=[7], steps=4, guidance_scale=5.0)[0]
     assert np.abs(np.asarray(other, dtype=np.float32) / 255 - ours).max() > 0.02  # the concept matters
+
+
+def test_the_registry_keeps_the_architecture_and_refuses_a_pair_for_an_sd_model(sdxl, tiny_model_dir, tmp_path,
+                                                                                capsys):  # fmt: skip
+    registry = Registry.open(str(tmp_path / "registry"))
+    vectors = torch.randn(1, sum(WIDTHS), generator=torch.Generator().manual_seed(2))
+    manifest = registry.publish(LearnedConcept("xl", vectors, base_model=sdxl.identity, widths=sdxl.concept_widths))
+    assert (manifest.architecture, manifest.widths) == ("sdxl", list(WIDTHS))
+    _, back = registry.get("xl")
+    assert back.widths == WIDTHS and torch.equal(back.vectors, vectors)
+    assert main(["registry", "show", "xl", "--registry", registry.location]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["architecture"], shown["widths"]) == ("sdxl", list(WIDTHS))
+
+    pair = save_a1111(back, tmp_path / "xl.safetensors")
+    code = main(["registry", "import", str(pair), "--name", "wrong", "--base-model", str(tiny_model_dir),
+                 "--registry", registry.location])  # fmt: skip
+    assert code != 0 and "an SDXL embedding (clip_l 128 + clip_g 192 wide); this model is not SDXL" in (
+        capsys.readouterr().err
+    )
+    assert registry.versions("wrong") == []  # nothing stored
 
 
 def test_inversion_trains_both_encoders_rows_and_resumes_exactly(sdxl, star_images):

@@ -235,7 +235,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pipeline.engine.concepts import validate_name
     from pipeline.engine.config import InversionConfig
     from pipeline.engine.data import load_images
-    from pipeline.engine.formats import save_a1111
+    from pipeline.engine.formats import a1111_file_name, save_a1111
     from pipeline.engine.model import load_base_model, resolve_dtype
     from pipeline.engine.recipes import resolve_config
     from pipeline.engine.training import train_concept
@@ -254,8 +254,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
           f"on {len(images)} images at {resolution}px, {config.steps} steps, "
           f"device {device}, weights {str(model.dtype).removeprefix('torch.')}", file=sys.stderr)  # fmt: skip
     concept = train_concept(model, images, config, args.name, args.out, resume=args.resume, progress=not args.quiet)
-    for fmt in args.export:
-        save_a1111(concept, args.out / f"{args.name}.{fmt}.pt")
+    for _ in args.export:  # a1111, the one export format
+        save_a1111(concept, args.out / a1111_file_name(concept))
     print(f"wrote {args.out}/learned_embeds.safetensors ({concept.num_vectors}x{concept.dim}, "
           f"final loss {concept.final_loss:.4f}) and {args.out}/samples.png")  # fmt: skip
     if args.publish:
@@ -423,12 +423,15 @@ def _cmd_registry(args: argparse.Namespace) -> int:
         registry.delete(name, version)
         print(f"deleted <{name}@{version}> from {registry.location}")
     elif action == "import":
-        concept = load_concept_file(args.file, name=args.name)
-        if args.base_model:
+        if args.base_model:  # the file must fit the model it is recorded for
             from pipeline.engine.model import load_base_model
             from pipeline.store.model_cache import local_model_source
 
-            concept.base_model = load_base_model(local_model_source(args.base_model), "cpu").identity
+            model = load_base_model(local_model_source(args.base_model), "cpu")
+            concept = load_concept_file(args.file, name=args.name, dim=model.embedding_dim)
+            concept.base_model, concept.widths = model.identity, model.concept_widths
+        else:
+            concept = load_concept_file(args.file, name=args.name)
         manifest = registry.publish(concept)
         print(f"published <{manifest.ref}> ({concept.num_vectors}x{concept.dim}) to {registry.location}")
     elif action == "export":

@@ -2,8 +2,9 @@
 
 oneword's own file *is* a diffusers ``learned_embeds.safetensors`` (``{"<name>": tensor[n, dim]}``)
 whose safetensors header also carries oneword's metadata, so one file serves both. Exports:
-diffusers and AUTOMATIC1111 (``string_to_param``). Imports: diffusers (.safetensors / .bin),
-AUTOMATIC1111 (.pt / .safetensors), kohya (``emb_params``) and SDXL's ``clip_l``/``clip_g`` pair.
+diffusers and AUTOMATIC1111 (``string_to_param``; for SDXL the ``clip_l``/``clip_g`` pair). Imports:
+diffusers (.safetensors / .bin), AUTOMATIC1111 (.pt / .safetensors), kohya (``emb_params``) and
+SDXL's ``clip_l``/``clip_g`` pair (both halves, side by side: one concept for both encoders).
 Nothing is unpickled: legacy ``.pt``/``.bin`` files are read with ``torch.load(weights_only=True)``.
 """
 
@@ -44,6 +45,9 @@ class LearnedConcept:
     config: dict[str, Any] | None = None
     source: str = "oneword"
     extra: dict[str, Any] = field(default_factory=dict)
+    # with several text encoders (SDXL: CLIP-L 768, then OpenCLIP bigG 1280), each one's width: a
+    # row holds their vectors side by side, in this order; None for one encoder
+    widths: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -53,6 +57,14 @@ class LearnedConcept:
         if vectors.ndim != 2 or not vectors.is_floating_point() or vectors.shape[0] < 1:
             raise ConceptFileError(f"vectors must be a float tensor [n, dim], got {tuple(vectors.shape)}")
         self.vectors = vectors.detach().to("cpu", torch.float32).contiguous()
+        if self.widths is not None:
+            self.widths = tuple(int(w) for w in self.widths)
+            if len(self.widths) != 2 or sum(self.widths) != self.dim:
+                raise ConceptFileError(f"widths {self.widths} do not split {self.dim}-dimensional vectors in two")
+
+    @property
+    def architecture(self) -> str:
+        return "sdxl" if self.widths else "sd"
 
     @property
     def placeholder(self) -> str:
@@ -77,6 +89,7 @@ class LearnedConcept:
             "final_loss": self.final_loss,
             "config": self.config,
             "source": self.source,
+            **({"widths": list(self.widths)} if self.widths else {}),
             **self.extra,
         }
 
@@ -92,7 +105,10 @@ def save_diffusers(concept: LearnedConcept, path: Path) -> Path:
 
 
 def save_a1111(concept: LearnedConcept, path: Path) -> Path:
-    """AUTOMATIC1111's embedding ``.pt`` (``string_to_param``; the file name is the prompt word)."""
+    """AUTOMATIC1111's embedding ``.pt`` (``string_to_param``; the file name is the prompt word). An
+    SDXL concept's is a ``.safetensors`` with ``clip_l`` and ``clip_g`` (Forge and ComfyUI read it too)."""
+    if concept.widths:
+        return save_sdxl_pair(concept, path)
     data = {
         "string_to_token": {"*": _A1111_TOKEN_ID},
         "string_to_param": {"*": concept.vectors.clone()},
@@ -103,6 +119,24 @@ def save_a1111(concept: LearnedConcept, path: Path) -> Path:
     }
     atomic_write(path, lambda tmp: torch.save(data, tmp))
     return path
+
+
+def save_sdxl_pair(concept: LearnedConcept, path: Path) -> Path:
+    """The SDXL embedding file of A1111, Forge, ComfyUI and kohya: ``{"clip_l": [n, 768], "clip_g":
+    [n, 1280]}`` (``clip_l`` for ``text_encoder``, ``clip_g`` for ``text_encoder_2``)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ConceptFileError(f"{path}: an SDXL concept's A1111 file is a .safetensors with clip_l and clip_g; "
+                               f"name it {path.with_suffix('.safetensors').name}")  # fmt: skip
+    first = concept.widths[0]
+    pair = {"clip_l": concept.vectors[:, :first].contiguous(), "clip_g": concept.vectors[:, first:].contiguous()}
+    atomic_write(path, lambda tmp: save_file(pair, str(tmp)))
+    return path
+
+
+def a1111_file_name(concept: LearnedConcept) -> str:
+    """What ``save_a1111`` should write to: the prompt word, and the suffix of the concept's format."""
+    return f"{concept.name}.a1111.{'safetensors' if concept.widths else 'pt'}"
 
 
 def save_concept(concept: LearnedConcept, out_dir: Path) -> Path:
@@ -145,6 +179,7 @@ def _token_name(token: str) -> str:
 # the header fields oneword reads back, and their JSON types (anything else in the header is ignored)
 _METADATA_TYPES: dict[str, type | tuple[type, ...]] = {
     "name": str, "base_model": str, "steps": int, "final_loss": (int, float), "config": dict, "source": str,
+    "widths": list,
 }  # fmt: skip
 
 
@@ -180,6 +215,7 @@ def load_concept_file(path: Path, name: str | None = None, dim: int | None = Non
         raise ConceptFileError(f"{path}: expected a mapping of embedding tensors, found {type(data).__name__}")
 
     file_name: str | None = None
+    widths: tuple[int, int] | None = None
     if "string_to_param" in data or any(k.startswith("string_to_param.") for k in data):
         params = data.get("string_to_param") or {k.split(".", 1)[1]: v for k, v in data.items() if "." in k}
         vectors, source = next(iter(params.values())), "a1111"
@@ -187,11 +223,16 @@ def load_concept_file(path: Path, name: str | None = None, dim: int | None = Non
     elif "emb_params" in data:
         vectors, source, file_name = data["emb_params"], "kohya", path.stem
     elif "clip_l" in data and "clip_g" in data:
-        matching = [k for k in ("clip_l", "clip_g") if dim is None or data[k].shape[-1] == dim]
-        if len(matching) != 1:
-            shapes = f"clip_l {tuple(data['clip_l'].shape)}, clip_g {tuple(data['clip_g'].shape)}"
-            raise ConceptFileError(f"{path}: SDXL pair ({shapes}); none matches this model's dimension {dim}")
-        vectors, source, file_name = data[matching[0]], f"sdxl-{matching[0]}", path.stem
+        clip_l, clip_g = data["clip_l"], data["clip_g"]
+        if not all(isinstance(t, torch.Tensor) and t.ndim == 2 for t in (clip_l, clip_g)) or (
+            clip_l.shape[0] != clip_g.shape[0]
+        ):
+            raise ConceptFileError(f"{path}: clip_l and clip_g must be [n, width] tensors with the same n")
+        widths = (int(clip_l.shape[1]), int(clip_g.shape[1]))
+        if dim is not None and dim != sum(widths):
+            raise ConceptFileError(f"{path}: an SDXL embedding (clip_l {widths[0]} + clip_g {widths[1]} wide); this "
+                                   f"model is not SDXL ({dim}-dimensional text input)")  # fmt: skip
+        vectors, source, file_name = torch.cat([clip_l, clip_g], dim=-1), "sdxl", path.name.split(".")[0]
     elif len(data) == 1:
         token, vectors = next(iter(data.items()))
         source, file_name = "diffusers", _token_name(token)
@@ -201,6 +242,7 @@ def load_concept_file(path: Path, name: str | None = None, dim: int | None = Non
         raise ConceptFileError(f"{path}: embedding is a {type(vectors).__name__}, not a tensor")
 
     info = _oneword_metadata(path, metadata)
+    widths = widths or (tuple(info["widths"]) if info.get("widths") else None)
     chosen = name or info.get("name") or file_name
     try:
         validate_name(chosen)
@@ -217,6 +259,7 @@ def load_concept_file(path: Path, name: str | None = None, dim: int | None = Non
             final_loss=info.get("final_loss"),
             config=info.get("config"),
             source=info.get("source", source),
+            widths=widths,
         )
     except ConceptFileError as err:
         raise ConceptFileError(f"{path}: {err}") from None

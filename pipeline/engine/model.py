@@ -197,6 +197,11 @@ class BaseModel:
         """Each text encoder's input width; a concept's rows hold them side by side."""
         return tuple(int(encoder.config.hidden_size) for encoder in self.text_encoders)
 
+    @property
+    def concept_widths(self) -> tuple[int, ...] | None:
+        """``LearnedConcept.widths`` of concepts learned on this model (None: one text encoder)."""
+        return widths_of(self.identity)
+
     def prompt_encoder(self) -> PromptEncoder:
         return PromptEncoder(self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2)
 
@@ -239,6 +244,15 @@ class BaseModel:
                 raise InputError(f"{text!r} is {len(ids)} tokens for the first tokenizer, {len(ids_2)} for the second")
             rows.append(self.text_encoder_2.get_input_embeddings().weight[ids_2])
         return torch.cat([r.detach().float() for r in rows], dim=-1).clone()
+
+
+def widths_of(identity: str) -> tuple[int, ...] | None:
+    """``LearnedConcept.widths`` from a base-model identity: an SDXL one joins its two text encoders'
+    (``clip-49408x768-...+clip-49408x1280-...``); None for one encoder."""
+    parts = identity.split("+")
+    if len(parts) < 2:
+        return None
+    return tuple(int(part.split("-")[1].split("x")[1]) for part in parts)
 
 
 def text_encoder_identity(text_encoder: torch.nn.Module) -> str:

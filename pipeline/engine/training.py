@@ -185,6 +185,7 @@ def train_concept(
         name=name,
         vectors=engine.learned_vectors(),
         base_model=model.identity,
+        widths=model.concept_widths,
         steps=engine.step_count,
         final_loss=engine.last_loss,
         config=engine.config.model_dump(mode="json"),

@@ -283,6 +283,7 @@ def train_one(spec_data: dict[str, Any], name: str, token: str) -> dict[str, Any
 
     from pipeline.engine.formats import LearnedConcept
     from pipeline.engine.inversion import Inversion
+    from pipeline.engine.model import widths_of
     from pipeline.store.registry import Registry
 
     started = time.time()
@@ -319,7 +320,8 @@ def train_one(spec_data: dict[str, Any], name: str, token: str) -> dict[str, Any
         learned = LearnedConcept(
             name=name,
             vectors=Inversion.learned_vectors_of(state),
-            base_model=state["identity"],  # the text encoder the worker trained against
+            base_model=state["identity"],  # the text encoder(s) the worker trained against
+            widths=widths_of(state["identity"]),
             steps=int(state["step"]),
             final_loss=float(state["last_loss"]),
             config={**state["config"], "images": concept.images},
@@ -464,6 +466,7 @@ def pack_loop(config: dict[str, Any]) -> None:
             name=engine.name,
             vectors=engine.learned_vectors(),
             base_model=model.identity,
+            widths=model.concept_widths,
             steps=engine.step_count,
             final_loss=engine.last_loss,
             config={**engine.config.model_dump(mode="json"), "images": images_of[engine.name]},

@@ -74,6 +74,15 @@ class Manifest(BaseModel):
     size: int
     created_at: datetime
     job_id: str | None = None
+    widths: list[int] | None = None  # SDXL: each text encoder's width (LearnedConcept.widths)
+
+    @property
+    def architecture(self) -> str:
+        return "sdxl" if self.widths else "sd"
+
+    def to_json(self) -> str:
+        """The stored form; ``widths`` only where there are several (readers without it keep working)."""
+        return self.model_dump_json(indent=2, exclude={"widths"} if self.widths is None else None)
 
     @property
     def ref(self) -> str:
@@ -169,11 +178,12 @@ class Registry:
             size=len(data),
             created_at=datetime.now(UTC),
             job_id=job_id,
+            widths=list(concept.widths) if concept.widths else None,
         )
         artifact_key = _key(concept.name, version, ARTIFACT)
         self.storage.put(artifact_key, data)
         try:
-            self.storage.put(_key(concept.name, version, MANIFEST), manifest.model_dump_json(indent=2).encode())
+            self.storage.put(_key(concept.name, version, MANIFEST), manifest.to_json().encode())
         except BaseException:
             with contextlib.suppress(StorageError):  # best effort: without a manifest it is invisible
                 self.storage.delete(artifact_key)
@@ -284,6 +294,7 @@ class Registry:
             config=manifest.config,
             source=manifest.source,
             extra={"version": manifest.version},
+            widths=tuple(manifest.widths) if manifest.widths else None,
         )
         return manifest, concept
 
@@ -324,7 +335,7 @@ class Registry:
 
 def manifest_summary(manifest: Manifest) -> dict[str, Any]:
     """The manifest as plain JSON-able values (for ``registry show`` and HTTP answers)."""
-    return json.loads(manifest.model_dump_json())
+    return {**json.loads(manifest.to_json()), "architecture": manifest.architecture}
 
 
 def default_registry_location() -> str:
