@@ -3,13 +3,19 @@ conditioning; checked against diffusers' own StableDiffusionXLPipeline on the ti
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline.cli.main import main
@@ -19,6 +25,9 @@ from pipeline.engine.generation import ImageGenerator, IncompatibleConceptError,
 from pipeline.engine.inversion import Inversion
 from pipeline.engine.model import TINY_TEXT_CONFIG, TINY_TEXT_CONFIG_2, load_base_model
 from pipeline.store.registry import Registry
+
+from .test_bulk_jobs import DEFAULTS, oneword, reference_vectors, write_manifest
+from .test_serving import running_service
 
 WIDTHS = (TINY_TEXT_CONFIG["hidden_size"], TINY_TEXT_CONFIG_2["hidden_size"])
 
@@ -141,3 +150,43 @@ def test_concepts_of_the_other_architecture_are_refused_naming_both(sdxl, model)
         check_compatible(sd_concept, sdxl)
     with pytest.raises(IncompatibleConceptError, match="'new' was learned on an SDXL model; this base model is SD 1.x"):
         check_compatible(xl_concept, model)
+
+
+def test_an_sdxl_bulk_job_trains_and_publishes_like_an_sd_one(ray_head, s3_bucket, sdxl_dir, star_dir, tmp_path):
+    """On the real Ray head, checkpoints and registry in the real S3 server: the same manifest
+    with an SDXL base model publishes a concept for both encoders, equal to the engine run here."""
+    concepts = [{"name": "xl-star", "images": str(star_dir), "init_word": "shape"}]
+    manifest = write_manifest(tmp_path / "jobs.yaml", "xl-job", s3_bucket, sdxl_dir, concepts,
+                              defaults={**DEFAULTS, "steps": 10}, checkpoint_interval=5)  # fmt: skip
+    result = oneword("submit", str(manifest), "--address", ray_head.jobs_api, "--watch", env=ray_head.env)
+    assert result.returncode == 0, result.stderr
+    os.environ.update({k: v for k, v in ray_head.env.items() if k.startswith("ONEWORD_S3_")})
+    entry, learned = Registry.open(f"s3://{s3_bucket}/registry").get("xl-star")
+    assert (entry.architecture, entry.job_id, learned.widths) == ("sdxl", "xl-job", WIDTHS)
+    assert torch.equal(learned.vectors, reference_vectors(sdxl_dir, star_dir, 10))
+
+
+def test_the_service_serves_an_sdxl_model_and_refuses_sd_concepts(ray_head, sdxl, sdxl_dir, model, tmp_path):
+    registry = Registry.open(str(tmp_path / "registry"))
+    vectors = {name: torch.randn(1, sum(WIDTHS), generator=torch.Generator().manual_seed(i)) * 0.02
+               for i, name in enumerate(("red-xl", "blue-xl"))}  # fmt: skip
+    for name, rows in vectors.items():
+        registry.publish(LearnedConcept(name, rows, base_model=sdxl.identity, widths=sdxl.concept_widths))
+    registry.publish(LearnedConcept("old-sd", torch.zeros(1, WIDTHS[0]), base_model=model.identity))
+    settings = {"default_steps": 2, "min_size": 16, "max_size": 64, "num_cpus": 0.5, "concept_ttl_s": 1}
+    with running_service(ray_head, sdxl_dir, registry.location, settings, tmp_path, replicas=1) as base:
+        bodies = [{"prompt": f"a photo of <{name}>", "seed": 3, "width": 32, "height": 32} for name in vectors]
+        with ThreadPoolExecutor(2) as pool:  # at once: one batch, two concepts
+            answers = list(pool.map(lambda body: httpx.post(f"{base}/v1/generate", json=body, timeout=120), bodies))
+        openai = httpx.post(f"{base}/v1/images/generations", json={"prompt": "a <red-xl>", "size": "32x32"},
+                            timeout=120)  # fmt: skip
+        refused = httpx.post(f"{base}/v1/generate", json={"prompt": "a photo of <old-sd>"}, timeout=120)
+    assert [a.status_code for a in answers] == [200, 200] and openai.status_code == 200, openai.text
+    generator = ImageGenerator(sdxl)
+    for (name, rows), answer in zip(vectors.items(), answers, strict=True):
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]))).convert("RGB"))
+        alone = np.asarray(generator.generate([f"a photo of <{name}>"], {name: rows}, seeds=[3], steps=2,
+                                              height=32, width=32)[0])  # fmt: skip
+        assert served.shape == (32, 32, 3) and np.abs(served.astype(int) - alone.astype(int)).max() <= 1
+    assert refused.status_code == 409 and refused.json()["code"] == "incompatible_concept"
+    assert "learned on an SD 1.x/2.x model; this base model is SDXL" in refused.json()["message"]
