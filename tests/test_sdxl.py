@@ -27,6 +27,7 @@ from pipeline.engine.model import TINY_TEXT_CONFIG, TINY_TEXT_CONFIG_2, load_bas
 from pipeline.store.registry import Registry
 
 from .test_bulk_jobs import DEFAULTS, oneword, reference_vectors, write_manifest
+from .test_packing import mixed_requests, run_pack, solo
 from .test_serving import running_service
 
 WIDTHS = (TINY_TEXT_CONFIG["hidden_size"], TINY_TEXT_CONFIG_2["hidden_size"])
@@ -190,3 +191,12 @@ def test_the_service_serves_an_sdxl_model_and_refuses_sd_concepts(ray_head, sdxl
         assert served.shape == (32, 32, 3) and np.abs(served.astype(int) - alone.astype(int)).max() <= 1
     assert refused.status_code == 409 and refused.json()["code"] == "incompatible_concept"
     assert "learned on an SD 1.x/2.x model; this base model is SDXL" in refused.json()["message"]
+
+
+def test_packed_sdxl_concepts_learn_what_they_learn_alone(sdxl, star_images):
+    """Packs share the text encoders' and the UNet's calls (with SDXL's pooled and size conditioning)."""
+    requests = mixed_requests(dict.fromkeys(("star", "cross", "ring", "arrow"), star_images), steps=4)
+    packed, failures = run_pack(sdxl, requests, size=4)
+    assert not failures and set(packed) == {r.name for r in requests}
+    for request in requests:
+        torch.testing.assert_close(packed[request.name], solo(sdxl, request), rtol=0, atol=1e-5)
