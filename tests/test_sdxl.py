@@ -20,7 +20,15 @@ from safetensors.torch import load_file
 
 from pipeline.cli.main import main
 from pipeline.engine.config import InversionConfig
-from pipeline.engine.formats import LearnedConcept, a1111_file_name, load_concept_file, save_a1111
+from pipeline.engine.formats import (
+    DIFFUSERS_FILENAME,
+    ConceptFileError,
+    LearnedConcept,
+    a1111_file_name,
+    load_concept_file,
+    save_a1111,
+    save_concept,
+)
 from pipeline.engine.generation import ImageGenerator, IncompatibleConceptError, check_compatible
 from pipeline.engine.inversion import Inversion
 from pipeline.engine.model import TINY_TEXT_CONFIG, TINY_TEXT_CONFIG_2, load_base_model
@@ -99,6 +107,25 @@ def test_the_exported_file_generates_in_plain_diffusers_what_oneword_generates(s
     assert np.abs(ours - theirs).max() <= 1 / 255 + 1e-6  # the same image, up to 8-bit rounding
     other = generator.generate([prompt], {"blob": -vectors}, seeds=[7], steps=4, guidance_scale=5.0)[0]
     assert np.abs(np.asarray(other, dtype=np.float32) / 255 - ours).max() > 0.02  # the concept matters
+
+    # oneword's own output is what diffusers' SDXL example writes: one file per encoder
+    own = save_concept(concept, tmp_path / "run")
+    assert sorted(p.name for p in own.parent.glob("*.safetensors")) == [DIFFUSERS_FILENAME,
+                                                                        "learned_embeds_2.safetensors"]  # fmt: skip
+    back = load_concept_file(own, dim=sdxl.embedding_dim)
+    assert (back.name, back.widths) == ("blob", WIDTHS) and torch.equal(back.vectors, vectors)
+    fresh = StableDiffusionXLPipeline.from_pretrained(sdxl_dir, add_watermarker=False)
+    fresh.set_progress_bar_config(disable=True)
+    fresh.load_textual_inversion(own, token="<blob>", text_encoder=fresh.text_encoder, tokenizer=fresh.tokenizer)
+    fresh.load_textual_inversion(own.parent / "learned_embeds_2.safetensors", token="<blob>",
+                                 text_encoder=fresh.text_encoder_2, tokenizer=fresh.tokenizer_2)  # fmt: skip
+    fresh.scheduler = DDIMScheduler.from_config(fresh.scheduler.config)
+    again = fresh(prompt, num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(7),
+                  output_type="np").images[0]  # fmt: skip
+    assert np.array_equal(again, theirs)
+    (own.parent / "learned_embeds_2.safetensors").unlink()
+    with pytest.raises(ConceptFileError, match="second encoder's rows belong in learned_embeds_2.safetensors"):
+        load_concept_file(own)
 
 
 def test_the_registry_keeps_the_architecture_and_refuses_a_pair_for_an_sd_model(sdxl, tiny_model_dir, tmp_path,

@@ -256,7 +256,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     concept = train_concept(model, images, config, args.name, args.out, resume=args.resume, progress=not args.quiet)
     for _ in args.export:  # a1111, the one export format
         save_a1111(concept, args.out / a1111_file_name(concept))
-    print(f"wrote {args.out}/learned_embeds.safetensors ({concept.num_vectors}x{concept.dim}, "
+    files = "learned_embeds.safetensors" + (" (+ learned_embeds_2.safetensors, SDXL)" if concept.widths else "")
+    print(f"wrote {args.out}/{files} ({concept.num_vectors}x{concept.dim}, "
           f"final loss {concept.final_loss:.4f}) and {args.out}/samples.png")  # fmt: skip
     if args.publish:
         manifest = registry.publish(concept, metrics={"final_loss": concept.final_loss})

@@ -97,10 +97,25 @@ class LearnedConcept:
 # --- writing --------------------------------------------------------------------------------------
 
 
+def second_file(path: Path) -> Path:
+    """Where diffusers' SDXL example keeps the second text encoder's rows: ``X_2.safetensors`` beside ``X``."""
+    return path.with_name(f"{path.stem}_2{path.suffix}")
+
+
 def save_diffusers(concept: LearnedConcept, path: Path) -> Path:
-    """diffusers' ``learned_embeds.safetensors``, with oneword's metadata in the header."""
+    """diffusers' ``learned_embeds.safetensors``, with oneword's metadata in the header. For SDXL,
+    as diffusers' SDXL example writes it: the first encoder's rows there, the second's in
+    ``learned_embeds_2.safetensors`` (one ``load_textual_inversion`` call each)."""
+    path = Path(path)
     header = {"format": "pt", "oneword": json.dumps(concept.metadata())}
-    atomic_write(path, lambda tmp: save_file({concept.placeholder: concept.vectors}, str(tmp), metadata=header))
+    if concept.widths:
+        first = concept.widths[0]
+        second = {concept.placeholder: concept.vectors[:, first:].contiguous()}
+        atomic_write(second_file(path), lambda tmp: save_file(second, str(tmp), metadata={"format": "pt"}))
+        rows = concept.vectors[:, :first].contiguous()
+    else:
+        rows = concept.vectors
+    atomic_write(path, lambda tmp: save_file({concept.placeholder: rows}, str(tmp), metadata=header))
     return path
 
 
@@ -236,20 +251,31 @@ def load_concept_file(path: Path, name: str | None = None, dim: int | None = Non
     elif len(data) == 1:
         token, vectors = next(iter(data.items()))
         source, file_name = "diffusers", _token_name(token)
+        if path.suffix == ".safetensors" and second_file(path).is_file():  # SDXL, as diffusers writes it
+            rest, _ = _read_safetensors(second_file(path))
+            rows = vectors.shape[0] if isinstance(vectors, torch.Tensor) else None
+            if set(rest) != {token} or rest[token].shape[0] != rows:
+                raise ConceptFileError(f"{second_file(path)}: expected the second encoder's rows of {token!r} "
+                                       f"({rows} rows), found keys {sorted(rest)[:4]}")  # fmt: skip
+            widths = (int(vectors.shape[-1]), int(rest[token].shape[-1]))
+            vectors = torch.cat([vectors, rest[token]], dim=-1)
     else:
         raise ConceptFileError(f"{path}: unrecognised embedding layout with keys {sorted(data)[:8]}")
     if not isinstance(vectors, torch.Tensor):
         raise ConceptFileError(f"{path}: embedding is a {type(vectors).__name__}, not a tensor")
 
     info = _oneword_metadata(path, metadata)
-    widths = widths or (tuple(info["widths"]) if info.get("widths") else None)
+    if info.get("widths") and not widths:
+        raise ConceptFileError(f"{path}: an SDXL concept whose second encoder's rows belong in "
+                               f"{second_file(path).name}, which is missing")  # fmt: skip
     chosen = name or info.get("name") or file_name
     try:
         validate_name(chosen)
     except InputError as err:
         raise ConceptFileError(f"{path}: {err}; pass a valid name explicitly") from None
     if dim is not None and vectors.shape[-1] != dim:
-        raise ConceptFileError(f"{path}: vectors have dimension {vectors.shape[-1]}, this model needs {dim}")
+        found = f"an SDXL concept ({widths[0]} + {widths[1]} wide)" if widths else f"dimension {vectors.shape[-1]}"
+        raise ConceptFileError(f"{path}: vectors have {found}, this model needs {dim}")
     try:
         return LearnedConcept(
             name=chosen,
