@@ -12,8 +12,15 @@ turns: repetition r of the baseline, repetition r of oneword, and so on, so that
 the machine hits both alike and only one computes at a time. Each repetition is ``--steps``
 steps; we print the median ms/step of ``--reps`` repetitions and the ratio baseline/oneword.
 
+For SDXL models (``--model tiny-sdxl``) the baseline mirrors diffusers'
+examples/textual_inversion/textual_inversion_sdxl.py instead: the placeholder goes into both
+tokenizers, both embedding matrices are resized and optimised whole (one AdamW), each step runs
+both encoders with hidden states out (penultimate of each, the second's pooled output), the size
+ids, then the UNet, and both matrices' other rows are restored.
+
     python benchmarks/train_step.py --model tiny --device cpu --batch-size 4
     python benchmarks/train_step.py --model sd15 --device cuda --batch-size 4 --precision bf16
+    python benchmarks/train_step.py --model tiny-sdxl --device cpu --batch-size 4
 """
 
 from __future__ import annotations
@@ -69,8 +76,9 @@ def build_model(kind: str, device, dtype, workdir: Path):
         write_clip_tokenizer,
     )
 
-    if kind == "tiny":
-        return load_base_model(build_tiny_model(workdir / "tiny"), device, dtype)
+    if kind in ("tiny", "tiny-sdxl"):
+        arch = "sdxl" if kind == "tiny-sdxl" else "sd"
+        return load_base_model(build_tiny_model(workdir / "tiny", arch=arch), device, dtype)
     if kind == "shapesworld":
         return load_base_model("shapesworld", device, dtype)
     torch.manual_seed(0)
@@ -152,6 +160,76 @@ def baseline_step_fn(model, image_files: list[Path], batch_size: int, lr: float)
     return step
 
 
+def sdxl_baseline_step_fn(model, image_files: list[Path], batch_size: int, lr: float):
+    """The reference SDXL loop's step (diffusers' textual_inversion_sdxl.py), on the same frozen model."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from pipeline.engine.data import OBJECT_TEMPLATES
+
+    pairs = [(model.tokenizer, model.text_encoder), (model.tokenizer_2, model.text_encoder_2)]
+    scheduler, device, size, unet, vae = model.noise_scheduler, model.device, model.resolution, model.unet, model.vae
+    placeholder_ids, originals, matrices = [], [], []
+    for tokenizer, encoder in pairs:
+        tokenizer.add_tokens(["<concept>"])
+        placeholder_ids.append(tokenizer.convert_tokens_to_ids("<concept>"))
+        init_id = tokenizer("shape", add_special_tokens=False).input_ids[0]
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        encoder.to(torch.float32)  # trainable text encoders stay fp32, as in the reference
+        embeddings = encoder.get_input_embeddings()
+        with torch.no_grad():
+            embeddings.weight[placeholder_ids[-1]] = embeddings.weight[init_id].clone()
+        embeddings.weight.requires_grad_(True)
+        originals.append(embeddings.weight.detach().clone())
+        matrices.append(embeddings.weight)
+    optimizer = torch.optim.AdamW(matrices, lr=lr, weight_decay=1e-2)
+    mixed = model.dtype != torch.float32
+    generator = torch.Generator().manual_seed(0)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch_size, device=device, dtype=model.dtype)
+
+    def example(index: int) -> tuple[torch.Tensor, str]:
+        image = Image.open(image_files[index]).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        if torch.rand(1, generator=generator) < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.array(image).astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+        caption = OBJECT_TEMPLATES[int(torch.randint(len(OBJECT_TEMPLATES), (1,), generator=generator))]
+        return pixels, caption.format("<concept>")
+
+    def step() -> float:
+        batch = [example(int(i)) for i in torch.randint(len(image_files), (batch_size,), generator=generator)]
+        pixels = torch.stack([b[0] for b in batch]).to(device, model.dtype)
+        with torch.autocast(device.type, dtype=model.dtype, enabled=mixed):
+            latents = vae.encode(pixels).latent_dist.sample().detach() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=device)
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            states, pooled = [], None
+            for tokenizer, encoder in pairs:
+                ids = tokenizer([b[1] for b in batch], padding="max_length", max_length=77, truncation=True,
+                                return_tensors="pt").input_ids.to(device)  # fmt: skip
+                out = encoder(ids, output_hidden_states=True)
+                states.append(out.hidden_states[-2])
+                pooled = out[0] if out[0].ndim == 2 else pooled  # the second encoder's text_embeds
+            hidden = torch.cat(states, dim=-1).to(model.dtype)
+            conditioning = {"text_embeds": pooled.to(model.dtype), "time_ids": time_ids}
+            prediction = unet(noisy, timesteps, hidden, added_cond_kwargs=conditioning).sample
+        loss = F.mse_loss(prediction.float(), noise.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            for (tokenizer, _), placeholder_id, original, matrix in zip(pairs, placeholder_ids, originals, matrices,
+                                                                        strict=True):  # fmt: skip
+                keep = torch.ones(len(tokenizer), dtype=torch.bool)
+                keep[placeholder_id] = False
+                matrix[keep] = original[keep]
+        return loss.item()
+
+    return step
+
+
 def run_worker(args: argparse.Namespace) -> None:
     import torch
 
@@ -176,7 +254,8 @@ def run_worker(args: argparse.Namespace) -> None:
         )  # fmt: skip
         step = Inversion(model, load_images(files, model.resolution), config, "concept").step
     else:
-        step = baseline_step_fn(model, files, args.batch_size, 5e-3)
+        baseline = sdxl_baseline_step_fn if model.architecture == "sdxl" else baseline_step_fn
+        step = baseline(model, files, args.batch_size, 5e-3)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -228,7 +307,7 @@ def describe_machine(device: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["tiny", "shapesworld", "sd15"], default="tiny")
+    parser.add_argument("--model", choices=["tiny", "tiny-sdxl", "shapesworld", "sd15"], default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     parser.add_argument("--batch-size", type=int, default=4)
