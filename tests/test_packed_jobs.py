@@ -22,7 +22,7 @@ from pipeline.jobs.ray_train import pack_queues
 from pipeline.jobs.spec import load_job_spec
 from pipeline.store.registry import Registry
 
-from .test_bulk_jobs import oneword, status_of, wait_for_step, write_manifest
+from .test_bulk_jobs import oneword, status_of, wait_for, wait_for_step, write_manifest
 
 # A packed concept differs from the same concept trained alone only by float32 reassociation
 # (tests/test_packing.py measures at most 1.5e-7 on the tiny model); 1e-5 is the same bound.
@@ -113,8 +113,13 @@ def test_a_killed_pack_worker_resumes_bit_identically_and_a_cancelled_job_resume
     progress = wait_for_step(manifest, "sturdy-0", 25)
     assert progress["pack"].startswith("pack-") and progress["slot"] == 0
     os.kill(progress["pid"], signal.SIGKILL)  # the pack's Train worker, mid-training
-    shown = oneword("status", str(manifest), env=env)
-    assert shown.returncode == 0 and f"{progress['pack']}, slot 0" in shown.stdout
+
+    def shows_the_slot() -> bool:  # once the driver's next poll has read the pack's live progress
+        shown = oneword("status", str(manifest), env=env)
+        assert shown.returncode == 0, shown.stderr
+        return f"{progress['pack']}, slot 0" in shown.stdout
+
+    wait_for(shows_the_slot, 30, "status to show the concept's pack and slot")
 
     # the two concepts that were in the pack when its worker died finish; the third takes a slot
     wait_for_step(manifest, "sturdy-2", 30)
