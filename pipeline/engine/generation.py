@@ -17,7 +17,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from PIL import Image
 
 from pipeline.engine.formats import LearnedConcept
-from pipeline.engine.model import BaseModel
+from pipeline.engine.model import BaseModel, widths_of
 from pipeline.errors import InputError
 
 
@@ -26,8 +26,8 @@ class IncompatibleConceptError(InputError):
 
 
 def architecture_of(identity: str) -> str:
-    """The architecture a base-model identity belongs to: SDXL's joins two text encoders' with '+'."""
-    return "SDXL" if "+" in identity else "SD 1.x/2.x"
+    """The architecture a base-model identity belongs to, by name (SDXL's has two text encoders)."""
+    return "SDXL" if widths_of(identity) else "SD 1.x/2.x"
 
 
 def check_compatible(concept: LearnedConcept, model: BaseModel) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -249,10 +250,10 @@ class BaseModel:
 def widths_of(identity: str) -> tuple[int, ...] | None:
     """``LearnedConcept.widths`` from a base-model identity: an SDXL one joins its two text encoders'
     (``clip-49408x768-...+clip-49408x1280-...``); None for one encoder."""
-    parts = identity.split("+")
-    if len(parts) < 2:
+    matches = [re.fullmatch(r"clip-\d+x(\d+)-[0-9a-f]+", part) for part in identity.split("+")]
+    if len(matches) < 2 or not all(matches):  # one encoder, or not an identity oneword wrote
         return None
-    return tuple(int(part.split("-")[1].split("x")[1]) for part in parts)
+    return tuple(int(match.group(1)) for match in matches)
 
 
 def text_encoder_identity(text_encoder: torch.nn.Module) -> str:
