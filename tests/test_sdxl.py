@@ -30,6 +30,7 @@ from pipeline.engine.formats import (
     save_concept,
 )
 from pipeline.engine.generation import ImageGenerator, IncompatibleConceptError, check_compatible
+from pipeline.engine.init_words import CHANCE_WORDS, chance_rows
 from pipeline.engine.inversion import Inversion
 from pipeline.engine.model import TINY_TEXT_CONFIG, TINY_TEXT_CONFIG_2, load_base_model
 from pipeline.store.registry import Registry
@@ -167,6 +168,20 @@ def test_inversion_trains_both_encoders_rows_and_resumes_exactly(sdxl, star_imag
     for _ in range(2):
         resumed.step()
     assert torch.equal(resumed.learned_vectors(), learned)
+
+
+def test_the_init_word_searchs_random_words_cover_both_encoders(sdxl, model):
+    """The search's chance baseline: random words with each encoder's own width and median norm;
+    for one encoder the same draws as before SDXL existed (recorded runs stay reproducible)."""
+    rows = chance_rows(sdxl.text_encoders, seed=3)
+    assert rows.shape == (CHANCE_WORDS, 1, sum(WIDTHS))
+    for encoder, part in zip(sdxl.text_encoders, rows.split(list(WIDTHS), dim=-1), strict=True):
+        median = encoder.get_input_embeddings().weight.float().norm(dim=-1).median()
+        assert torch.allclose(part.norm(dim=-1), median.expand(CHANCE_WORDS, 1))
+    one = chance_rows(model.text_encoders, seed=3)
+    directions = torch.randn(CHANCE_WORDS, 1, one.shape[-1], generator=torch.Generator().manual_seed(3))
+    median = model.text_encoder.get_input_embeddings().weight.float().norm(dim=-1).median()
+    assert torch.equal(one, directions / directions.norm(dim=-1, keepdim=True) * median)
 
 
 def test_concepts_of_the_other_architecture_are_refused_naming_both(sdxl, model):

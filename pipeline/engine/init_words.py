@@ -85,12 +85,16 @@ def sample_losses(engine: Inversion, batch: Batch, rows: torch.Tensor) -> torch.
     return torch.cat(losses)
 
 
-def chance_rows(embeddings: torch.Tensor, seed: int) -> torch.Tensor:
+def chance_rows(encoders: list[torch.nn.Module], seed: int) -> torch.Tensor:
     """``CHANCE_WORDS`` random one-token embeddings ``[count, 1, dim]``: random directions at the
-    median norm of the vocabulary's ``embeddings``, so they differ from words only in meaning nothing."""
-    norm = embeddings.detach().float().norm(dim=-1).median()
-    directions = torch.randn(CHANCE_WORDS, 1, embeddings.shape[-1], generator=torch.Generator().manual_seed(seed))
-    return directions / directions.norm(dim=-1, keepdim=True) * norm
+    median norm of the vocabulary's embeddings, so they differ from words only in meaning nothing.
+    With two text encoders (SDXL) each encoder's columns get their own direction and norm."""
+    generator, parts = torch.Generator().manual_seed(seed), []
+    for encoder in encoders:
+        embeddings = encoder.get_input_embeddings().weight.detach().float()
+        directions = torch.randn(CHANCE_WORDS, 1, embeddings.shape[-1], generator=generator)
+        parts.append(directions / directions.norm(dim=-1, keepdim=True) * embeddings.norm(dim=-1).median())
+    return torch.cat(parts, dim=-1)
 
 
 def search_init_word(engine: Inversion, config: InversionConfig) -> SearchResult:
@@ -99,7 +103,7 @@ def search_init_word(engine: Inversion, config: InversionConfig) -> SearchResult
     batch = engine.evaluation_batch(config.seed + 7919, repeats=SAMPLES_PER_IMAGE, template=PROMPT)
     words = [config.init_word, *config.search_candidates()]
     scores = {word: sample_losses(engine, batch, engine.model.text_embeddings(word)) for word in words}
-    random_rows = chance_rows(engine.model.text_encoder.get_input_embeddings().weight, config.seed)
+    random_rows = chance_rows(engine.model.text_encoders, config.seed)
     random = torch.stack([sample_losses(engine, batch, rows).mean() for rows in random_rows])
     losses = {word: s.mean().item() for word, s in scores.items()}
     best, median = random.min().item(), random.median().item()
