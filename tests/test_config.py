@@ -77,7 +77,7 @@ def test_config_file_errors_name_file_and_field(tmp_path: Path):
 
 
 def test_shipped_recipes_are_valid_configs_that_say_what_they_are_for():
-    assert {"shapesworld", "sd15-object", "sd15-style"} <= set(recipe_names())
+    assert {"shapesworld", "sd15-object", "sd15-style", "sdxl-object", "sdxl-style"} <= set(recipe_names())
     for name in recipe_names():  # with the class word each recipe asks for (shapesworld's search needs one)
         config = make_config({**load_recipe(name), "class_word": "shape"}, source=name)
         assert config.recipe == name
