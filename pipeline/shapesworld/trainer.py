@@ -3,8 +3,11 @@
     python -m pipeline.shapesworld.trainer OUT_DIR        # ~50 minutes on 2 cores
     python -m pipeline.shapesworld.trainer OUT_DIR --reuse pipeline/assets/shapesworld
                                                         # UNet + text encoder only, ~32 minutes
+    python -m pipeline.shapesworld.trainer OUT_DIR --reuse pipeline/assets/shapesworld --arch sdxl
+                                                        # the SDXL-shaped world, ~40 minutes
 
-writes OUT_DIR/model (a diffusers ``StableDiffusionPipeline`` folder, fp16 weights) and
+writes OUT_DIR/model (a diffusers ``StableDiffusionPipeline`` folder, or with ``--arch sdxl`` a
+``StableDiffusionXLPipeline`` one, fp16 weights) and
 OUT_DIR/oracle.safetensors, plus a training log. The package ships the result in
 ``pipeline/assets/shapesworld``; see its MODEL_CARD.md for how it was trained and how well it
 follows prompts.
@@ -12,6 +15,13 @@ follows prompts.
 Stages, each a plain loop: (1) an AutoencoderKL 32x32 -> 8x8x4; (2) the UNet and a 2-layer CLIP
 text encoder trained jointly on the latents with 10% caption dropout (classifier-free guidance);
 (3) the oracle, a small CNN reading shape (or "none") and colour off an image.
+
+The SDXL-shaped world has SDXL's conditioning at toy size: two text encoders (widths 64 and 96,
+the second with a projection; three layers each, so that the penultimate layer SDXL reads is two
+deep), the UNet cross-attending over both encoders' penultimate states side by side, and the
+second encoder's pooled projection plus the size ids going in through ``text_time``. Dropped
+captions condition on zeros, which is what ``force_zeros_for_empty_prompt`` makes the pipeline
+use for classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -51,6 +61,13 @@ TEXT_CONFIG = dict(
     vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
     max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
 )  # fmt: skip
+XL_TEXT_CONFIG = dict(TEXT_CONFIG, num_hidden_layers=3)
+XL_TEXT_CONFIG_2 = dict(XL_TEXT_CONFIG, hidden_size=96, intermediate_size=384, hidden_act="gelu", projection_dim=96)
+XL_UNET_CONFIG = dict(
+    UNET_CONFIG, cross_attention_dim=64 + 96, addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 96,
+)  # fmt: skip
+ARCHITECTURES = ("sd", "sdxl")
 
 
 def log(message: str) -> None:
@@ -168,20 +185,60 @@ def train_vae(steps: int, seed: int, batch: int = 32):
     return vae
 
 
-def train_generator(vae, steps: int, seed: int, batch: int = 64, tokenizer_dir: Path | None = None,
-                    unnamed: tuple[str, ...] = UNNAMED_SHAPES):  # fmt: skip
-    """UNet and text encoder, jointly, on latents of fresh world images (10% caption dropout)."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+class TextConditioner(torch.nn.Module):
+    """The trainable text side: captions -> what the UNet is conditioned on (``unet_kwargs``).
 
-    from pipeline.engine.model import SD_SCHEDULER_CONFIG, write_clip_tokenizer
+    SD: one encoder's last hidden states after the final norm. SDXL, as diffusers'
+    ``encode_prompt`` reads it: both encoders' penultimate states side by side, and the second
+    encoder's projected output at end-of-text with the size ids. A dropped caption is zeros.
+    """
+
+    def __init__(self, arch: str, tokenizer_dir: Path):
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        from pipeline.engine.model import write_clip_tokenizer
+
+        super().__init__()
+        self.arch = arch
+        if arch == "sd":
+            self.tokenizers = [write_clip_tokenizer(tokenizer_dir / "tokenizer")]
+            self.encoders = torch.nn.ModuleList([CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))])
+        else:
+            self.tokenizers = [write_clip_tokenizer(tokenizer_dir / "tokenizer"),
+                               write_clip_tokenizer(tokenizer_dir / "tokenizer_2", pad_token="!")]  # fmt: skip
+            encoders = [CLIPTextModel(CLIPTextConfig(**XL_TEXT_CONFIG)),
+                        CLIPTextModelWithProjection(CLIPTextConfig(**XL_TEXT_CONFIG_2))]  # fmt: skip
+            self.encoders = torch.nn.ModuleList(encoders)
+
+    def ids(self, texts: list[str], index: int) -> torch.Tensor:
+        return self.tokenizers[index](texts, padding="max_length", max_length=77, truncation=True,
+                                      return_tensors="pt").input_ids  # fmt: skip
+
+    def unet_kwargs(self, texts: list[str]) -> dict:
+        if self.arch == "sd":
+            return {"encoder_hidden_states": self.encoders[0](self.ids(texts, 0))[0]}
+        first = self.encoders[0](self.ids(texts, 0), output_hidden_states=True)
+        second = self.encoders[1](self.ids(texts, 1), output_hidden_states=True)
+        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        pooled = second.text_embeds
+        kept = torch.tensor([float(t != "") for t in texts])
+        time_ids = torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]] * len(texts), dtype=hidden.dtype)
+        return {"encoder_hidden_states": hidden * kept[:, None, None],
+                "added_cond_kwargs": {"text_embeds": pooled * kept[:, None], "time_ids": time_ids}}  # fmt: skip
+
+
+def train_generator(vae, steps: int, seed: int, batch: int = 64, tokenizer_dir: Path | None = None,
+                    unnamed: tuple[str, ...] = UNNAMED_SHAPES, arch: str = "sd"):  # fmt: skip
+    """UNet and text encoder(s), jointly, on latents of fresh world images (10% caption dropout)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from pipeline.engine.model import SD_SCHEDULER_CONFIG
 
     torch.manual_seed(seed)
-    tokenizer = write_clip_tokenizer(tokenizer_dir or Path("/tmp/shapesworld-tokenizer"))
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    text = TextConditioner(arch, tokenizer_dir or Path("/tmp/shapesworld-tokenizer"))
+    unet = UNet2DConditionModel(**(UNET_CONFIG if arch == "sd" else XL_UNET_CONFIG))
     scheduler = DDPMScheduler(**{k: v for k, v in SD_SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
-    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    parameters = list(unet.parameters()) + list(text.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=5e-4, weight_decay=1e-2)
     warmup = 100
     lr_at = lambda s: min(1.0, (s + 1) / warmup) * (0.5 * (1 + np.cos(np.pi * s / steps)) * 0.9 + 0.1)  # noqa: E731
@@ -199,10 +256,9 @@ def train_generator(vae, steps: int, seed: int, batch: int = 64, tokenizer_dir: 
             means[index] + stds[index] * torch.randn(means[index].shape, generator=g)
         ) * vae.config.scaling_factor
         texts = ["" if rng.random() < 0.1 else captions[i] for i in index]
-        ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=g)
-        prediction = unet(scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
+        prediction = unet(scheduler.add_noise(latents, noise, t), t, **text.unet_kwargs(texts)).sample
         loss = F.mse_loss(prediction, noise)
         optimizer.zero_grad()
         loss.backward()
@@ -211,19 +267,28 @@ def train_generator(vae, steps: int, seed: int, batch: int = 64, tokenizer_dir: 
         lr_schedule.step()
         if step % 50 == 0:
             log(f"unet+text step {step}/{steps} loss {loss.item():.4f}")
-    return tokenizer, text_encoder.eval().requires_grad_(False), unet.eval().requires_grad_(False)
+    for encoder in text.encoders:
+        encoder.eval().requires_grad_(False)
+    return text, unet.eval().requires_grad_(False)
 
 
-def save_pipeline(out: Path, vae, tokenizer, text_encoder, unet) -> None:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def save_pipeline(out: Path, vae, text: TextConditioner, unet) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from pipeline.engine.model import SD_SCHEDULER_CONFIG
 
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
+    scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
+    if text.arch == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text.encoders[0], text_encoder_2=text.encoders[1], tokenizer=text.tokenizers[0],
+            tokenizer_2=text.tokenizers[1], unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )  # fmt: skip
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text.encoders[0], tokenizer=text.tokenizers[0], unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
     pipe.to(torch.float16).save_pretrained(out)
 
 
@@ -263,6 +328,11 @@ def main(argv: list[str] | None = None) -> None:
         help="shapes the captions never name (default: %(default)s); another split makes another world, "
         "e.g. star,ring for the generalisation check's second world",
     )  # fmt: skip
+    parser.add_argument(
+        "--arch", choices=ARCHITECTURES, default="sd",
+        help="sd: one text encoder (SD 1.x-shaped); sdxl: two text encoders and SDXL's size and pooled-text "
+        "conditioning (default: %(default)s)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     unnamed = tuple(s for s in args.unnamed.split(",") if s)
     if not set(unnamed) < set(SHAPES):
@@ -272,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = {"generator_steps": args.generator_steps}
     if not args.reuse:
         steps |= {"vae_steps": args.vae_steps, "oracle_steps": args.oracle_steps}
-    report: dict = {"seed": args.seed, "steps": steps, "unnamed": list(unnamed)}
+    report: dict = {"seed": args.seed, "arch": args.arch, "steps": steps, "unnamed": list(unnamed)}
     started = time.time()
     if args.reuse:
         vae, oracle, earlier = reuse_vae_and_oracle(args.reuse)
@@ -284,10 +354,10 @@ def main(argv: list[str] | None = None) -> None:
         oracle, report["oracle"] = train_oracle(args.oracle_steps, args.seed + 1, vae)
     save_file(oracle.state_dict(), str(args.out / "oracle.safetensors"))
     log(f"oracle: {report['oracle']}")
-    tokenizer, text_encoder, unet = train_generator(
-        vae, args.generator_steps, args.seed + 2, tokenizer_dir=args.out / "tok", unnamed=unnamed
+    text, unet = train_generator(
+        vae, args.generator_steps, args.seed + 2, tokenizer_dir=args.out / "tok", unnamed=unnamed, arch=args.arch
     )
-    save_pipeline(args.out / "model", vae, tokenizer, text_encoder, unet)
+    save_pipeline(args.out / "model", vae, text, unet)
     report["prompt_following"] = measure_prompt_following(args.out / "model", oracle, unnamed=unnamed)
     report["seconds"] = round(time.time() - started)
     (args.out / "training-report.json").write_text(json.dumps(report, indent=2) + "\n")
