@@ -5,16 +5,16 @@ import random
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from pipeline.engine.config import make_config
 from pipeline.engine.data import load_images
 from pipeline.engine.generation import ImageGenerator
 from pipeline.engine.init_words import CHANCE_LEAD, MARGIN, SearchResult, with_chosen_word
 from pipeline.engine.inversion import Inversion
-from pipeline.engine.model import load_base_model
+from pipeline.engine.model import load_base_model, resolve_model_source
 from pipeline.engine.recipes import resolve_config
-from pipeline.shapesworld.scoring import bundled_dir, bundled_oracle, score_subject
+from pipeline.shapesworld.scoring import bundled_oracle, score_subject
 from pipeline.shapesworld.trainer import make_dataset, malformed_image
 from pipeline.shapesworld.world import (
     ATTRIBUTES,
@@ -52,10 +52,16 @@ def shapesworld():
     return load_base_model("shapesworld", "cpu")
 
 
-def test_bundled_model_loads_in_plain_diffusers_and_follows_prompts():
-    pipe = StableDiffusionPipeline.from_pretrained(
-        bundled_dir() / "model", dtype=torch.float32, safety_checker=None, requires_safety_checker=False
-    )
+@pytest.mark.parametrize("name", ["shapesworld", "shapesworld-xl"])
+def test_bundled_model_loads_in_plain_diffusers_and_follows_prompts(name):
+    folder = resolve_model_source(name)
+    if name == "shapesworld":
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder, dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+        )
+    else:  # two text encoders, SDXL's size and pooled-text conditioning
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float32)
+        assert pipe.text_encoder.config.hidden_size != pipe.text_encoder_2.config.hidden_size
     images = pipe(["a photo of a red circle", "a photo of a blue star"], num_inference_steps=25, guidance_scale=5.0,
                   generator=[torch.manual_seed(0), torch.manual_seed(1)], output_type="pil").images  # fmt: skip
     assert [img.size for img in images] == [(32, 32), (32, 32)]
@@ -75,8 +81,11 @@ def test_oracle_reads_clean_images_and_rejects_blobs():
     assert np.mean([p[0] == "none" for p in oracle.classify(blobs)]) >= 0.8
 
 
-def test_the_engine_learns_a_named_shape(shapesworld, tmp_path):
-    """One concept, seeded: reconstruction >= 0.9, edits keep the shape >= 0.9, editability >= 2x init word's."""
+@pytest.mark.parametrize("name", ["shapesworld", "shapesworld-xl"])
+def test_the_engine_learns_a_named_shape(name, tmp_path):
+    """One concept, seeded: reconstruction >= 0.9, edits keep the shape >= 0.9, editability >= 2x init word's;
+    on the first world and on its SDXL-shaped twin (both encoders' rows learned together)."""
+    shapesworld = load_base_model(name, "cpu")
     images = load_images(write_concept_images(tmp_path, "star", "yellow", count=5, seed=0), shapesworld.resolution)
     # the shipped `shapesworld` recipe (docs/quality.md): edit consistency asks colours the images do
     # not have to act on the word as on other shapes (the class word's members), so "a red <my-star>"
@@ -150,3 +159,23 @@ def test_a_chosen_word_becomes_edit_consistencys_reference_unless_references_wer
     # references the user gave are the user's
     given = make_config({**recipe, "edit_reference_words": ["oval"]})
     assert with_chosen_word(given, found, tokens=1).edit_reference_words == ["oval"]
+
+
+def test_shapesworld_score_reads_a_concept_of_the_sdxl_world(tmp_path, capsys):
+    """`oneword train` on the bundled SDXL-shaped world writes diffusers' SDXL pair, and
+    `shapesworld-score --base-model shapesworld-xl` scores it with the shared oracle."""
+    from pipeline.cli import main
+
+    images = write_concept_images(tmp_path / "images", "star", "yellow", count=2, seed=0)
+    run = tmp_path / "run"
+    assert main(["train", "--images", str(images[0].parent), "--name", "my-star", "--base-model", "shapesworld-xl",
+                 "--init-word", "star", "--steps", "2", "--batch-size", "2", "--out", str(run)]) == 0  # fmt: skip
+    assert (run / "learned_embeds_2.safetensors").exists()
+    capsys.readouterr()
+    assert main(["shapesworld-score", "--base-model", "shapesworld-xl", "--concept",
+                 str(run / "learned_embeds.safetensors"), "--shape", "star", "--colour", "yellow",
+                 "--samples", "2", "--compare", "star"]) == 0  # fmt: skip
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(rows) == {"<my-star>", "star"} and all(0 <= x <= 1 for row in rows.values() for x in row)
+    # a word that starts at "star" and moved two steps still draws stars when asked for other colours
+    assert rows["<my-star>"][2] >= 0.5, rows

@@ -136,11 +136,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=32, help="image side (ShapesWorld's model works at 32)")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("shapesworld-score", help="score a concept learned on the bundled ShapesWorld model",
+    p = sub.add_parser("shapesworld-score", help="score a concept learned on a bundled ShapesWorld model",
                        description="Renders 'a photo of a <NAME>' and edited prompts ('a photo of a red <NAME>') "
-                       "with the bundled ShapesWorld model and reads shape and colour off every image with "
+                       "with a bundled ShapesWorld model and reads shape and colour off every image with "
                        "its oracle: reconstruction, editability, and the same for comparison words.")  # fmt: skip
     p.add_argument("--concept", required=True, type=Path, help="the learned concept file")
+    p.add_argument("--base-model", default="shapesworld", choices=["shapesworld", "shapesworld-xl"],
+                   help="the bundled ShapesWorld model the concept was learned on (default: %(default)s; "
+                   "shapesworld-xl is the SDXL-shaped one)")  # fmt: skip
     p.add_argument("--shape", required=True, help="the concept's true shape")
     p.add_argument("--colour", required=True, help="the colour of its training images")
     p.add_argument("--compare", action="append", default=[], help="also score a plain word (repeatable)")
@@ -360,7 +363,7 @@ def _cmd_shapesworld_score(args: argparse.Namespace) -> int:
 
     if args.shape not in SHAPES or args.colour not in COLOURS:
         raise InputError(f"--shape must be one of {', '.join(SHAPES)} and --colour one of {', '.join(COLOURS)}")
-    model = load_base_model("shapesworld", "cpu")
+    model = load_base_model(args.base_model, "cpu")
     concept = load_concept_file(args.concept, dim=model.embedding_dim)
     check_compatible(concept, model)
     generator, oracle = ImageGenerator(model), bundled_oracle()

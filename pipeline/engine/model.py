@@ -294,7 +294,10 @@ def _scheduler_config(source: str) -> dict:
 
 
 # Models that ship inside the package, usable by name as --base-model.
-BUNDLED_MODELS = {"shapesworld": ("assets", "shapesworld", "model")}
+BUNDLED_MODELS = {
+    "shapesworld": ("assets", "shapesworld", "model"),
+    "shapesworld-xl": ("assets", "shapesworld-xl", "model"),  # the same world, SDXL-shaped
+}
 
 
 def resolve_model_source(source: str | Path) -> str:
