@@ -64,7 +64,9 @@ CONCEPTS_B = [
     ("my-arrow", "arrow", "blue", "shape", "arrow"),
     ("my-star", "star", "yellow", "thing", None),
 ]
-WORLDS = {"a": CONCEPTS, "b": CONCEPTS_B}
+# The SDXL-shaped world (bundled as `shapesworld-xl`): the first world's images, captions, VAE and
+# oracle, with two text encoders and SDXL's conditioning; the first world's concepts.
+WORLDS = {"a": CONCEPTS, "b": CONCEPTS_B, "xl": CONCEPTS}
 
 
 # Composition: a colour learned as its own concept (from four different shapes in that colour,
@@ -247,7 +249,8 @@ def main() -> None:
         "--world",
         choices=list(WORLDS),
         default="a",
-        help="a: the bundled model; b: the generalisation check's second world, from --world-dir",
+        help="a: the bundled model; b: the generalisation check's second world, from --world-dir; "
+        "xl: the bundled SDXL-shaped model (shapesworld-xl)",
     )
     parser.add_argument(
         "--world-dir",
@@ -286,8 +289,9 @@ def main() -> None:
     if args.variants:
         chosen = {k: v for k, v in chosen.items() if k in args.variants.split(",")}
     concepts = [c for c in WORLDS[args.world] if not args.concepts or c[0] in args.concepts.split(",")]
-    if args.world == "a":
-        model, oracle = load_base_model("shapesworld", args.device), bundled_oracle()
+    if args.world in ("a", "xl"):  # the SDXL-shaped world reads its images with the first world's oracle
+        model = load_base_model("shapesworld" if args.world == "a" else "shapesworld-xl", args.device)
+        oracle = bundled_oracle()
     else:
         model = load_base_model(args.world_dir / "model", args.device)
         oracle = load_oracle(args.world_dir / "oracle.safetensors")
