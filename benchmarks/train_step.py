@@ -21,6 +21,11 @@ ids, then the UNet, and both matrices' other rows are restored.
     python benchmarks/train_step.py --model tiny --device cpu --batch-size 4
     python benchmarks/train_step.py --model sd15 --device cuda --batch-size 4 --precision bf16
     python benchmarks/train_step.py --model tiny-sdxl --device cpu --batch-size 4
+    python benchmarks/train_step.py --model sdxl --device cuda --batch-size 4 --precision bf16
+
+``sd15`` and ``sdxl`` are those architectures at full size with random weights (the step's cost
+does not depend on the weights): SD 1.5 at 512 px, SDXL base at 1024 px (``--latent-size`` runs
+them smaller, e.g. to try the script on a CPU).
 """
 
 from __future__ import annotations
@@ -60,13 +65,28 @@ SD15_TEXT = dict(
     max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     projection_dim=768,
 )  # fmt: skip
+# SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0's configs): CLIP ViT-L and OpenCLIP
+# ViT-bigG text encoders, a UNet over their 2048-wide states with size and pooled-text conditioning.
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True, norm_num_groups=32,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)  # fmt: skip
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+SDXL_TEXT_2 = dict(
+    SD15_TEXT, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    hidden_act="gelu", projection_dim=1280,
+)  # fmt: skip
 
 
-def build_model(kind: str, device, dtype, workdir: Path):
-    """The tiny offline model from disk, the bundled ShapesWorld model, or SD-1.5's architecture with random weights."""
+def build_model(kind: str, device, dtype, workdir: Path, latent_size: int | None = None):
+    """The tiny offline model from disk, the bundled ShapesWorld model, or SD-1.5's or SDXL's
+    architecture with random weights (``latent_size`` overrides their UNet's sample size)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from pipeline.engine.model import (
         SD_SCHEDULER_CONFIG,
@@ -82,14 +102,24 @@ def build_model(kind: str, device, dtype, workdir: Path):
     if kind == "shapesworld":
         return load_base_model("shapesworld", device, dtype)
     torch.manual_seed(0)
+    sdxl = kind == "sdxl"
+    unet_config = {**(SDXL_UNET if sdxl else SD15_UNET), **({"sample_size": latent_size} if latent_size else {})}
+    second = {}
     with torch.device(device):
         text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT, attn_implementation="sdpa"))
-        vae, unet = AutoencoderKL(**SD15_VAE), UNet2DConditionModel(**SD15_UNET)
-    for module in (text_encoder, vae, unet):
+        vae, unet = AutoencoderKL(**(SDXL_VAE if sdxl else SD15_VAE)), UNet2DConditionModel(**unet_config)
+        if sdxl:
+            text_config_2 = CLIPTextConfig(**SDXL_TEXT_2, attn_implementation="sdpa")
+            second = {
+                "text_encoder_2": CLIPTextModelWithProjection(text_config_2),
+                "tokenizer_2": write_clip_tokenizer(workdir / "tokenizer_2", pad_token="!"),
+                "force_zeros_for_empty_prompt": True,
+            }  # fmt: skip
+    for module in (text_encoder, vae, unet, *([second["text_encoder_2"]] if sdxl else [])):
         module.to(dtype).requires_grad_(False).eval()
     scheduler_config = {**SD_SCHEDULER_CONFIG, "prediction_type": "epsilon"}
     return BaseModel(
-        source="sd15-random",
+        source=f"{kind}-random",
         tokenizer=write_clip_tokenizer(workdir / "tokenizer"),
         text_encoder=text_encoder,
         vae=vae,
@@ -98,6 +128,7 @@ def build_model(kind: str, device, dtype, workdir: Path):
         scheduler_config=scheduler_config,
         device=torch.device(device),
         dtype=dtype,
+        **second,
     )
 
 
@@ -243,7 +274,7 @@ def run_worker(args: argparse.Namespace) -> None:
     dtype = resolve_dtype(args.precision, device)
     workdir = Path(tempfile.mkdtemp(prefix="oneword-bench-"))
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-    model = build_model(args.model, device, dtype, workdir)
+    model = build_model(args.model, device, dtype, workdir, args.latent_size)
     # five photos a little larger than the model's side, as a user's would be
     files = write_concept_images(workdir / "images", "star", "yellow", count=5, size=model.resolution * 5 // 4)
     if args.worker != "baseline":
@@ -307,7 +338,13 @@ def describe_machine(device: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["tiny", "tiny-sdxl", "shapesworld", "sd15"], default="tiny")
+    parser.add_argument("--model", choices=["tiny", "tiny-sdxl", "shapesworld", "sd15", "sdxl"], default="tiny")
+    parser.add_argument(
+        "--latent-size",
+        type=int,
+        help="sd15/sdxl: the UNet's latent side (default: the model's, "
+        "64 for SD 1.5, 128 for SDXL); smaller to try the script where memory or time is short",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     parser.add_argument("--batch-size", type=int, default=4)
