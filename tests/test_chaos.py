@@ -6,7 +6,8 @@ Every concept must end published exactly once, bit-identical to a fault-free run
 registry entry and no more checkpoints left than ``keep_checkpoints``. CI runs a small round;
 a longer one (docs/benchmarks.md#faults-at-random) is the same test with more faults:
 
-    ONEWORD_CHAOS_FAULTS=30 ONEWORD_CHAOS_SEED=1 .venv/bin/python -m pytest -s tests/test_chaos.py
+    ONEWORD_CHAOS_CONCEPTS=8 ONEWORD_CHAOS_FAULTS=20 ONEWORD_CHAOS_SEED=1 \
+        .venv/bin/python -m pytest -s tests/test_chaos.py
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from pipeline.store.registry import ROOT, Registry
 
 from .test_bulk_jobs import DEFAULTS, oneword, reference_vectors, status_of, wait_for_end, write_manifest
 
-CONCEPTS, STEPS = 8, 40
-FAULTS = int(os.environ.get("ONEWORD_CHAOS_FAULTS", "6"))
+CONCEPTS = int(os.environ.get("ONEWORD_CHAOS_CONCEPTS", "6"))
+STEPS = 40
+FAULTS = int(os.environ.get("ONEWORD_CHAOS_FAULTS", "4"))
 SEED = int(os.environ.get("ONEWORD_CHAOS_SEED", "7"))
 # the processes each kind of kill aims at, by their command line
 PROCESSES = {
