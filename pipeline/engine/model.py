@@ -333,7 +333,7 @@ def load_base_model(
     """Loads tokenizer, text encoder, VAE, UNet and the training noise schedule, all frozen.
 
     ``source`` is a diffusers-layout folder, a hub id (resolved through the normal cache), or the
-    name of a bundled model ("shapesworld").
+    name of a bundled model ("shapesworld", "shapesworld-xl").
     Weights get ``requires_grad=False`` and eval mode;
     attention uses PyTorch SDPA.
     """
