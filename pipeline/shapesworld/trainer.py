@@ -4,7 +4,7 @@
     python -m pipeline.shapesworld.trainer OUT_DIR --reuse pipeline/assets/shapesworld
                                                         # UNet + text encoder only, ~32 minutes
     python -m pipeline.shapesworld.trainer OUT_DIR --reuse pipeline/assets/shapesworld --arch sdxl
-                                                        # the SDXL-shaped world, ~40 minutes
+                                                        # the SDXL-shaped world, ~50 minutes
 
 writes OUT_DIR/model (a diffusers ``StableDiffusionPipeline`` folder, or with ``--arch sdxl`` a
 ``StableDiffusionXLPipeline`` one, fp16 weights) and
@@ -67,7 +67,6 @@ XL_UNET_CONFIG = dict(
     UNET_CONFIG, cross_attention_dim=64 + 96, addition_embed_type="text_time", addition_time_embed_dim=8,
     projection_class_embeddings_input_dim=6 * 8 + 96,
 )  # fmt: skip
-ARCHITECTURES = ("sd", "sdxl")
 
 
 def log(message: str) -> None:
@@ -312,6 +311,8 @@ def measure_prompt_following(model_dir: Path, oracle: Oracle, per_prompt: int = 
 
 
 def main(argv: list[str] | None = None) -> None:
+    from pipeline.engine.model import ARCHITECTURES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
