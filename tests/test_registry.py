@@ -14,11 +14,16 @@ from pydantic import SecretStr
 
 from pipeline.engine.concepts import NAME_RULE, InvalidNameError
 from pipeline.engine.formats import LearnedConcept
-from pipeline.errors import StorageError
+from pipeline.errors import InputError, StorageError
 from pipeline.store.registry import (
     ARTIFACT,
+    MANIFEST,
+    MAX_PREVIEW_BYTES,
+    PNG_SIGNATURE,
+    PREVIEW,
     ConceptNotFoundError,
     CorruptConceptError,
+    NoPreviewError,
     Registry,
     new_version,
 )
@@ -89,6 +94,59 @@ def test_delete_removes_one_version(storage_location):
         registry.get("my-dog", new.version)
     assert registry.get("my-dog")[0] == old
     assert not any(new.version in key for key in stored_keys(storage_location))
+
+
+def png(colour: tuple[int, int, int], size: int = 16) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_preview_is_kept_checked_attached_once_and_deleted_with_its_version(storage_location):
+    registry = Registry.open(storage_location)
+    red, blue = png((255, 0, 0)), png((0, 0, 255))
+    with_preview = registry.publish(concept("my-dog", 1.0), preview=red)
+    assert (with_preview.preview_sha256, with_preview.preview_size) == (hashlib.sha256(red).hexdigest(), len(red))
+    assert registry.preview("my-dog") == (with_preview, red)
+
+    # a version without one (an imported file) gets one later; its vectors and the rest stay
+    plain = registry.publish(concept("my-cat", 2.0))
+    stored = open_storage(storage_location).get(f"concepts/my-cat/{plain.version}/{MANIFEST}").decode()
+    assert "preview_sha256" not in stored  # manifests without a preview are as before
+    with pytest.raises(NoPreviewError, match="has no preview image"):
+        registry.preview("my-cat")
+    attached = registry.attach_preview("my-cat", plain.version, blue)
+    assert registry.manifest("my-cat") == attached
+    assert attached.model_dump(exclude={"preview_sha256", "preview_size"}) == plain.model_dump(
+        exclude={"preview_sha256", "preview_size"})  # fmt: skip
+    assert registry.preview("my-cat", plain.version)[1] == blue
+    with pytest.raises(InputError, match="already has a preview"):
+        registry.attach_preview("my-cat", plain.version, red)
+    assert registry.preview("my-cat")[1] == blue
+
+    # altered in storage: detected, like the artifact
+    open_storage(storage_location).put(f"concepts/my-dog/{with_preview.version}/{PREVIEW}", blue)
+    with pytest.raises(CorruptConceptError, match="checksum mismatch"):
+        registry.preview("my-dog")
+    registry.delete("my-dog", with_preview.version)
+    assert not any(with_preview.version in key for key in stored_keys(storage_location))
+
+
+def test_a_preview_must_be_a_small_png_and_a_refused_one_stores_nothing(tmp_path):
+    registry = Registry.open(str(tmp_path / "registry"))
+    for bad, message in ((b"GIF89a....", "not a PNG image"),
+                         (PNG_SIGNATURE + bytes(MAX_PREVIEW_BYTES), "over the limit")):  # fmt: skip
+        with pytest.raises(InputError, match=message):
+            registry.publish(concept("my-dog", 1.0), preview=bad)
+    assert stored_keys(str(tmp_path / "registry")) == []
+    manifest = registry.publish(concept("my-dog", 1.0))
+    with pytest.raises(InputError, match="not a PNG image"):
+        registry.attach_preview("my-dog", manifest.version, b"<svg/>")
+    assert registry.manifest("my-dog") == manifest
 
 
 def test_unknown_concept_and_version(storage_location):

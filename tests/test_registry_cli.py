@@ -3,6 +3,7 @@ through the real CLI, against a folder and a real S3 server."""
 
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.cli import main
 from pipeline.engine.formats import LearnedConcept, load_concept_file
@@ -38,6 +40,12 @@ def test_train_publish_show_export_generate(tiny_model_dir, star_dir, tmp_path, 
     shown = json.loads(capsys.readouterr().out)
     assert shown == listed and shown["config"]["steps"] == 3 and shown["metrics"]["final_loss"] > 0
 
+    # the preview is the first image of the run's samples, small, kept with the version
+    preview = tmp_path / "preview.png"
+    assert main(["registry", "preview", "star", "--out", str(preview), "--registry", storage_location]) == 0
+    assert preview.read_bytes() == (out / "preview.png").read_bytes()
+    assert shown["preview_size"] == len(preview.read_bytes())
+
     trained = load_concept_file(out / "learned_embeds.safetensors")
     export = tmp_path / "star.pt"
     assert main(["registry", "export", f"star@{shown['version']}", "--format", "a1111", "--out", str(export),
@@ -65,6 +73,17 @@ def test_import_rm_and_their_errors(tiny_model_dir, tmp_path, storage_location, 
     ref = capsys.readouterr().out.split("<")[1].split(">")[0]
     manifest, concept = Registry.open(storage_location).get("my-cat")
     assert ref == manifest.ref and torch.equal(concept.vectors, torch.arange(2 * DIM, dtype=torch.float32).view(2, DIM))
+
+    # an imported concept has no preview until one is rendered, on the model it fits
+    stored = ["--out", str(tmp_path / "p.png"), "--registry", storage_location]
+    assert main(["registry", "preview", "my-cat", *stored]) == 2
+    assert f"<{ref}> has no preview image" in capsys.readouterr().err
+    assert main(["registry", "preview", "my-cat", "--base-model", str(tiny_model_dir), "--steps", "2",
+                 "--registry", storage_location]) == 0  # fmt: skip
+    assert "kept a preview" in capsys.readouterr().out
+    with_preview, png = Registry.open(storage_location).preview("my-cat")
+    side = load_base_model(tiny_model_dir, "cpu").resolution  # rendered at the model's size (under 256)
+    assert with_preview.version == manifest.version and Image.open(io.BytesIO(png)).size == (side, side)
 
     assert main(["registry", "rm", "my-cat", "--registry", storage_location]) == 2
     assert "rm needs an explicit version" in capsys.readouterr().err

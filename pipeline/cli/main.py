@@ -10,7 +10,7 @@
     oneword submit jobs.yaml [--address http://HEAD:8265 | ray://HEAD:10001]   a bulk job on Ray
     oneword status jobs.yaml [--watch]          per-concept state, step, loss, ETA
     oneword cancel jobs.yaml --address ...      stop a job (checkpoints are kept)
-    oneword serve --base-model PATH --registry LOC   the HTTP generation service on Ray Serve
+    oneword serve --base-model PATH --registry LOC   the HTTP generation service on Ray Serve, console at /ui/
 
 Errors that come from the user's input print one ``oneword: error: ...`` line naming the file
 or field, and exit with status 2.
@@ -177,6 +177,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("ref", metavar="NAME[@VERSION]")
     r.add_argument("--format", choices=["diffusers", "a1111"], default="diffusers")
     r.add_argument("--out", type=Path, required=True)
+    r = rsub.add_parser("preview", help="render and keep a preview image for a version that has none",
+                        description="Renders the version's preview as training does (its first validation "
+                        "prompt, seed 0) on --base-model and keeps it with the version; for concepts "
+                        "imported from files, which have none. With --out, writes the stored preview to a "
+                        "file instead.")  # fmt: skip
+    r.add_argument("ref", metavar="NAME[@VERSION]")
+    r.add_argument("--base-model", default="shapesworld", help="the model to render on (default shapesworld)")
+    r.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    r.add_argument("--out", type=Path, help="write the version's stored preview (PNG) here; renders nothing")
     r = rsub.add_parser("gc", help="delete leftovers of interrupted publishes")
     r.add_argument("--older-than-hours", type=float, default=1.0, help="only leftovers older than this (1)")
     for r in rsub.choices.values():
@@ -201,9 +210,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--address", required=True, help="where it was submitted: http://HEAD:8265 or ray://HEAD:10001")
     p = sub.add_parser("serve", help="run the HTTP generation service (Ray Serve) on this machine or a cluster",
                        description="Serves POST /v1/generate, the OpenAI-compatible POST /v1/images/generations, "
-                       "GET /v1/concepts and /docs. Concepts are resolved from the registry per request; new "
-                       "versions are picked up within concept_ttl_s. Every field of serving/settings.py is a flag "
-                       "of the same name; a --config FILE (YAML) gives any of them, flags win.")  # fmt: skip
+                       "GET /v1/concepts, GET /v1/jobs, /docs and the web console at /ui/. Concepts are resolved "
+                       "from the registry per request; new versions are picked up within concept_ttl_s. Every "
+                       "field of serving/settings.py is a flag of the same name; a --config FILE (YAML) gives any "
+                       "of them, flags win.")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--address", help="an existing Ray cluster (default: start a local one, bound to 127.0.0.1)")
@@ -263,7 +273,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}/{files} ({concept.num_vectors}x{concept.dim}, "
           f"final loss {concept.final_loss:.4f}) and {args.out}/samples.png")  # fmt: skip
     if args.publish:
-        manifest = registry.publish(concept, metrics={"final_loss": concept.final_loss})
+        preview = (args.out / "preview.png").read_bytes()
+        manifest = registry.publish(concept, metrics={"final_loss": concept.final_loss}, preview=preview)
         print(f"published <{manifest.ref}> to {registry.location}")
     return 0
 
@@ -442,10 +453,34 @@ def _cmd_registry(args: argparse.Namespace) -> int:
         _, concept = registry.get(*parse_ref(args.ref))
         EXPORT_FORMATS[args.format](concept, args.out)
         print(f"wrote {args.out} ({args.format}, <{concept.name}@{concept.extra['version']}>)")
+    elif action == "preview":
+        _registry_preview(registry, args)
     elif action == "gc":
         removed = registry.gc(timedelta(hours=args.older_than_hours))
         print(f"removed {len(removed)} leftover objects from {registry.location}")
     return 0
+
+
+def _registry_preview(registry, args: argparse.Namespace) -> None:
+    from pipeline.engine.config import InversionConfig
+    from pipeline.engine.generation import ImageGenerator, check_compatible
+    from pipeline.engine.model import load_base_model
+    from pipeline.engine.training import render_preview
+    from pipeline.store.model_cache import local_model_source
+    from pipeline.store.registry import parse_ref
+
+    if args.out:
+        manifest, png = registry.preview(*parse_ref(args.ref))
+        args.out.write_bytes(png)
+        print(f"wrote {args.out} (the preview of <{manifest.ref}>)")
+        return
+    manifest, concept = registry.get(*parse_ref(args.ref))
+    model = load_base_model(local_model_source(args.base_model), _device(None))
+    check_compatible(concept, model)
+    config = InversionConfig(validation_steps=args.steps)
+    png = render_preview(ImageGenerator(model), concept.name, concept.vectors, config)
+    registry.attach_preview(manifest.name, manifest.version, png)
+    print(f"kept a preview ({len(png)} bytes) with <{manifest.ref}> in {registry.location}")
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:

@@ -12,10 +12,12 @@ only in what they do when a log record, a checkpoint or a validation grid is due
     checkpoint.pt                the engine's full state at the last checkpoint (for --resume)
     validation/step-NNNNNN.png   validation grids, when validation prompts are configured
     samples.png                  a grid of the validation prompts with the final vectors
+    preview.png                  the grid's first image, small: the registry's preview of the concept
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -118,10 +120,33 @@ def _truncate_log(path: Path, after_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def render_images(generator: ImageGenerator, prompts: list[str], vectors: torch.Tensor, name: str,
+                  steps: int, seed: int = 0) -> list[Image.Image]:  # fmt: skip
+    return generator.generate(prompts, {name: vectors}, seeds=[seed + i for i in range(len(prompts))], steps=steps)
+
+
 def render_grid(generator: ImageGenerator, prompts: list[str], vectors: torch.Tensor, name: str,
                 steps: int, seed: int = 0) -> Image.Image:  # fmt: skip
-    images = generator.generate(prompts, {name: vectors}, seeds=[seed + i for i in range(len(prompts))], steps=steps)
-    return image_grid(images)
+    return image_grid(render_images(generator, prompts, vectors, name, steps, seed))
+
+
+PREVIEW_SIDE = 256  # pixels, the longer side of a registry preview
+
+
+def preview_png(image: Image.Image) -> bytes:
+    """A concept's preview as the registry keeps it: PNG, at most ``PREVIEW_SIDE`` pixels a side."""
+    small = image.copy()
+    small.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    buffer = io.BytesIO()
+    small.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def render_preview(generator: ImageGenerator, name: str, vectors: torch.Tensor, config: InversionConfig) -> bytes:
+    """The preview of a concept: the first validation prompt (``a photo of <name>`` unless the
+    config names others), seed 0, ``validation_steps`` denoising steps."""
+    prompt = (config.validation_prompts or default_validation_prompts(name))[0]
+    return preview_png(render_images(generator, [prompt], vectors, name, config.validation_steps)[0])
 
 
 def train_concept(
@@ -194,6 +219,7 @@ def train_concept(
         | ({"init_word_search": engine.init_search.as_dict()} if engine.init_search else {}),
     )
     save_concept(concept, out_dir)
-    grid = render_grid(generator or ImageGenerator(model), prompts, concept.vectors, name, config.validation_steps)
-    grid.save(out_dir / "samples.png")
+    images = render_images(generator or ImageGenerator(model), prompts, concept.vectors, name, config.validation_steps)
+    image_grid(images).save(out_dir / "samples.png")
+    (out_dir / "preview.png").write_bytes(preview_png(images[0]))
     return concept

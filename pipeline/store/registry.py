@@ -3,6 +3,7 @@
 Layout under the registry's location::
 
     concepts/<name>/<version>/learned_embeds.safetensors   the artifact, written first
+    concepts/<name>/<version>/preview.png                  an optional preview image, written next
     concepts/<name>/<version>/manifest.json                the commit record, written last
 
 A version exists exactly when its manifest does, so a reader never sees a half-published
@@ -10,7 +11,11 @@ concept, and a publish interrupted between the two writes leaves only an invisib
 (``gc`` removes such leftovers once they are old). Version ids are UTC time plus randomness,
 ``20261126T122400.123456Z-3f9a1c``: unique and time-ordered with no coordination between writers,
 so concurrent publishers of one name never touch each other's keys. Every read checks the
-artifact against the manifest's sha256.
+artifact against the manifest's sha256, and a preview against its own.
+
+A preview is the one thing a version may gain later: a concept imported from a file has none
+until one is rendered (``attach_preview``), which writes the image and then the manifest again
+with the image's checksum; the vectors and everything else about the version stay as they were.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ from pipeline.store.storage import ObjectNotFoundError, Storage, open_storage
 ROOT = "concepts"
 ARTIFACT = "learned_embeds.safetensors"
 MANIFEST = "manifest.json"
+PREVIEW = "preview.png"
+MAX_PREVIEW_BYTES = 1024 * 1024
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 VERSION_RE = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
 MANIFEST_FORMAT = 1
 
@@ -52,6 +60,10 @@ class ConceptNotFoundError(InputError):
 
 class CorruptConceptError(StorageError):
     """Stored bytes that do not match their manifest (altered or damaged in storage)."""
+
+
+class NoPreviewError(ConceptNotFoundError):
+    """The version exists and has no preview image."""
 
 
 class Manifest(BaseModel):
@@ -75,14 +87,18 @@ class Manifest(BaseModel):
     created_at: datetime
     job_id: str | None = None
     widths: list[int] | None = None  # SDXL: each text encoder's width (LearnedConcept.widths)
+    preview_sha256: str | None = None  # the preview image (PREVIEW), when the version has one
+    preview_size: int | None = None
 
     @property
     def architecture(self) -> str:
         return "sdxl" if self.widths else "sd"
 
     def to_json(self) -> str:
-        """The stored form; ``widths`` only where there are several (readers without it keep working)."""
-        return self.model_dump_json(indent=2, exclude={"widths"} if self.widths is None else None)
+        """The stored form; ``widths`` and the preview's fields only where they are set (readers
+        without them keep working)."""
+        optional = ("widths", "preview_sha256", "preview_size")
+        return self.model_dump_json(indent=2, exclude={f for f in optional if getattr(self, f) is None})
 
     @property
     def ref(self) -> str:
@@ -117,6 +133,15 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
 
 def _key(name: str, version: str, leaf: str) -> str:
     return f"{ROOT}/{name}/{version}/{leaf}"
+
+
+def check_preview(png: bytes, source: str = "preview") -> bytes:
+    """A preview must be a PNG image of at most ``MAX_PREVIEW_BYTES``."""
+    if not png.startswith(PNG_SIGNATURE):
+        raise InputError(f"{source}: not a PNG image")
+    if len(png) > MAX_PREVIEW_BYTES:
+        raise InputError(f"{source}: {len(png)} bytes, over the limit of {MAX_PREVIEW_BYTES} for a preview")
+    return png
 
 
 def _artifact_bytes(concept: LearnedConcept) -> bytes:
@@ -157,10 +182,16 @@ class Registry:
 
     @_timed
     def publish(
-        self, concept: LearnedConcept, metrics: dict[str, float] | None = None, job_id: str | None = None
+        self,
+        concept: LearnedConcept,
+        metrics: dict[str, float] | None = None,
+        job_id: str | None = None,
+        preview: bytes | None = None,
     ) -> Manifest:
-        """Stores a new immutable version: artifact first, manifest (the commit) last."""
+        """Stores a new immutable version: artifact (and preview) first, manifest (the commit) last."""
         validate_name(concept.name)
+        if preview is not None:
+            check_preview(preview)
         data = _artifact_bytes(concept)
         version = new_version()
         manifest = Manifest(
@@ -179,16 +210,36 @@ class Registry:
             created_at=datetime.now(UTC),
             job_id=job_id,
             widths=list(concept.widths) if concept.widths else None,
+            preview_sha256=hashlib.sha256(preview).hexdigest() if preview is not None else None,
+            preview_size=len(preview) if preview is not None else None,
         )
-        artifact_key = _key(concept.name, version, ARTIFACT)
-        self.storage.put(artifact_key, data)
+        written = [_key(concept.name, version, ARTIFACT)]
         try:
+            self.storage.put(written[0], data)
+            if preview is not None:
+                written.append(_key(concept.name, version, PREVIEW))
+                self.storage.put(written[-1], preview)
             self.storage.put(_key(concept.name, version, MANIFEST), manifest.to_json().encode())
         except BaseException:
             with contextlib.suppress(StorageError):  # best effort: without a manifest it is invisible
-                self.storage.delete(artifact_key)
+                for key in written:
+                    self.storage.delete(key)
             raise
         return manifest
+
+    @_timed
+    def attach_preview(self, name: str, version: str, png: bytes) -> Manifest:
+        """Gives a version that has no preview one: the image first, then the manifest with its
+        checksum (a reader sees the version without a preview until that last write lands)."""
+        check_preview(png)
+        manifest = self.manifest(name, version)
+        if manifest.preview_sha256 is not None:
+            raise InputError(f"<{manifest.ref}> already has a preview; versions are immutable")
+        updated = manifest.model_copy(update={"preview_sha256": hashlib.sha256(png).hexdigest(),
+                                              "preview_size": len(png)})  # fmt: skip
+        self.storage.put(_key(name, version, PREVIEW), png)
+        self.storage.put(_key(name, version, MANIFEST), updated.to_json().encode())
+        return updated
 
     @_timed
     def delete(self, name: str, version: str) -> Manifest:
@@ -196,6 +247,7 @@ class Registry:
         manifest = self.manifest(name, version)
         self.storage.delete(_key(name, version, MANIFEST))
         self.storage.delete(_key(name, version, ARTIFACT))
+        self.storage.delete(_key(name, version, PREVIEW))
         return manifest
 
     def gc(self, older_than: timedelta = timedelta(hours=1)) -> list[str]:
@@ -273,14 +325,7 @@ class Registry:
         """The concept ``name@version`` (latest if no version), checksum verified."""
         manifest = self.manifest(name, version)
         key = _key(name, manifest.version, ARTIFACT)
-        try:
-            data = self.storage.get(key)
-        except ObjectNotFoundError:
-            raise CorruptConceptError(f"{self.location}/{key}: artifact missing for a committed version") from None
-        if hashlib.sha256(data).hexdigest() != manifest.sha256:
-            raise CorruptConceptError(
-                f"{self.location}/{key}: checksum mismatch (the stored artifact was altered or damaged)"
-            )
+        data = self._read_verified(key, manifest.sha256, "artifact")
         try:
             vectors = load_safetensors(data)[manifest.placeholder]
         except (SafetensorError, KeyError) as err:
@@ -297,6 +342,26 @@ class Registry:
             widths=tuple(manifest.widths) if manifest.widths else None,
         )
         return manifest, concept
+
+    @_timed
+    def preview(self, name: str, version: str | None = None) -> tuple[Manifest, bytes]:
+        """The preview image of ``name@version`` (latest if no version), checksum verified."""
+        manifest = self.manifest(name, version)
+        if manifest.preview_sha256 is None:
+            raise NoPreviewError(f"<{manifest.ref}> has no preview image (render one: oneword registry preview)")
+        return manifest, self._read_verified(_key(name, manifest.version, PREVIEW), manifest.preview_sha256, "preview")
+
+    def _read_verified(self, key: str, sha256: str, what: str) -> bytes:
+        """The bytes stored at ``key``, checked against the checksum the manifest records for them."""
+        try:
+            data = self.storage.get(key)
+        except ObjectNotFoundError:
+            raise CorruptConceptError(f"{self.location}/{key}: {what} missing for a committed version") from None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise CorruptConceptError(
+                f"{self.location}/{key}: checksum mismatch (the stored {what} was altered or damaged)"
+            )
+        return data
 
     def names(self, prefix: str = "") -> Iterator[str]:
         """Concept names with at least one stored object, sorted."""
