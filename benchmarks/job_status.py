@@ -32,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml
 
-from pipeline.jobs.job_files import LIVE_FIELDS, job_storage, progress_key, read_json, status_key
+from pipeline.jobs.job_files import job_storage
 from pipeline.jobs.spec import load_job_spec
 from pipeline.jobs.submission import read_status
+from pipeline.store.job_records import LIVE_FIELDS, progress_key, read_json, status_key
 from tests.ceph_rgw import s3_bucket_on_loopback
 
 

@@ -3,6 +3,7 @@ registry in a real S3 server; faults: a killed Train worker, a cancelled and res
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -22,8 +23,9 @@ from pipeline.engine.data import load_images
 from pipeline.engine.inversion import Inversion
 from pipeline.engine.model import load_base_model
 from pipeline.jobs.checkpoints import checkpoint_keys, newest_checkpoint, write_checkpoint
-from pipeline.jobs.job_files import concept_run, job_storage, progress_key, read_json
+from pipeline.jobs.job_files import concept_run, job_storage
 from pipeline.jobs.spec import load_job_spec, parse_job_spec
+from pipeline.store.job_records import progress_key, read_json
 from pipeline.store.registry import Registry
 from pipeline.store.storage import StorageUnavailableError, wait_out_outage
 
@@ -97,11 +99,22 @@ def wait_for_step(manifest: Path, concept: str, step: int, timeout: float = 400)
 
 
 def wait_for_end(manifest: Path, env: dict[str, str], timeout: float = 400) -> dict:
-    def ended():
-        status = status_of(manifest, env)
-        return status if status["state"] in ("succeeded", "failed") else None
+    """Polls the job's status in this process (one object read, no CLI start per poll, which on two
+    cores would slow the job it waits for) until it ends; returns what `oneword status` then says."""
+    from pipeline.errors import StorageError
+    from pipeline.jobs.submission import read_status
 
-    return wait_for(ended, timeout, "the job to end")
+    os.environ.update({k: v for k, v in env.items() if k.startswith("ONEWORD_S3_")})
+    spec = load_job_spec(manifest)
+
+    def ended():
+        try:
+            return read_status(spec)["state"] in ("succeeded", "failed")
+        except StorageError:  # an outage the test made: ask again
+            return False
+
+    wait_for(ended, timeout, "the job to end")
+    return status_of(manifest, env)
 
 
 def status_of(manifest: Path, env: dict[str, str]) -> dict:
@@ -146,6 +159,9 @@ def test_job_via_jobs_api_publishes_reports_failures_and_is_idempotent(
     assert a[0].base_model == load_base_model(tiny_model_dir, "cpu").identity  # checked by every consumer
     expected = reference_vectors(tiny_model_dir, star_dir, 20)
     assert torch.equal(a[1].vectors, expected) and torch.equal(b[1].vectors, expected)  # Ray run == local engine
+    side = load_base_model(tiny_model_dir, "cpu").resolution
+    for name in ("star-a", "star-b"):  # each with the preview its worker rendered
+        assert Image.open(io.BytesIO(registry.preview(name)[1])).size == (side, side)
 
     again = oneword("submit", str(manifest), "--address", ray_head.jobs_api, "--watch", env=env)
     assert again.returncode == 1
@@ -273,12 +289,12 @@ def test_job_without_address_runs_in_this_process_with_folders(ray_head, tiny_mo
 
 def test_job_via_ray_client(ray_head, s3_bucket, tiny_model_dir, star_dir, tmp_path):
     concepts = [{"name": "via-client", "images": str(star_dir), "init_word": "shape"}]
-    manifest = write_manifest(tmp_path / "jobs.yaml", "client-job", s3_bucket, tiny_model_dir, concepts)
+    manifest = write_manifest(tmp_path / "jobs.yaml", "client-job", s3_bucket, tiny_model_dir, concepts, previews=False)
     result = oneword("submit", str(manifest), "--address", ray_head.client, "--watch", env=ray_head.env)
     assert result.returncode == 0, result.stderr
     os.environ.update({k: v for k, v in ray_head.env.items() if k.startswith("ONEWORD_S3_")})
     manifest_entry, learned = Registry.open(f"s3://{s3_bucket}/registry").get("via-client")
-    assert manifest_entry.job_id == "client-job"
+    assert manifest_entry.job_id == "client-job" and manifest_entry.preview_sha256 is None  # previews: false
     assert torch.equal(learned.vectors, reference_vectors(tiny_model_dir, star_dir, 20))
 
 
@@ -338,8 +354,8 @@ concepts:
 def test_status_is_one_read_shows_a_silent_driver_as_stale_and_only_this_runs_progress(tiny_model_dir, tmp_path):
     from datetime import UTC, datetime, timedelta
 
-    from pipeline.jobs.job_files import status_key
-    from pipeline.jobs.submission import DRIVER_SILENT_S, format_status, read_concept, read_status
+    from pipeline.jobs.submission import format_status, read_concept, read_status
+    from pipeline.store.job_records import DRIVER_SILENT_S, status_key
 
     concepts = [{"name": name, "images": "i", "init_word": "shape"} for name in ("a", "b")]
     manifest = {"job": "j", "base_model": str(tiny_model_dir), "registry": "r",

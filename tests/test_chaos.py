@@ -24,7 +24,7 @@ import torch
 from pipeline.jobs.checkpoints import checkpoint_keys
 from pipeline.jobs.job_files import concept_run, job_storage
 from pipeline.jobs.spec import load_job_spec
-from pipeline.store.registry import ROOT, Registry
+from pipeline.store.registry import ARTIFACT, MANIFEST, PREVIEW, ROOT, Registry
 
 from .test_bulk_jobs import DEFAULTS, oneword, reference_vectors, status_of, wait_for_end, write_manifest
 
@@ -89,5 +89,8 @@ def test_a_bulk_job_survives_random_faults(ray_head, s3_server, s3_bucket, tiny_
         manifest_entry, learned = registry.get(name)  # the checksum is verified: nothing torn
         assert manifest_entry.job_id == "chaos" and torch.equal(learned.vectors, expected), name
         assert len(checkpoint_keys(job_storage(spec), spec.job, concept_run(name))) <= spec.keep_checkpoints
-    stored = [o.key for o in registry.storage.list(f"{ROOT}/chaos-")]
-    assert len(stored) == 2 * CONCEPTS, stored  # one manifest and one artifact each, no leftovers
+    stored = sorted(o.key for o in registry.storage.list(f"{ROOT}/chaos-"))
+    # one manifest, one artifact and one preview each, no leftovers
+    kept = sorted(f"{ROOT}/{name}/{registry.versions(name)[0]}/{leaf}" for name in names
+                  for leaf in (ARTIFACT, MANIFEST, PREVIEW))  # fmt: skip
+    assert stored == kept, stored

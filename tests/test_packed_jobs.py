@@ -17,9 +17,10 @@ from pipeline.engine.inversion import Inversion
 from pipeline.engine.model import load_base_model
 from pipeline.engine.packing import Pack, Request
 from pipeline.engine.training import run_steps
-from pipeline.jobs.job_files import job_storage, progress_key, read_json
+from pipeline.jobs.job_files import job_storage
 from pipeline.jobs.ray_train import pack_queues
 from pipeline.jobs.spec import load_job_spec
+from pipeline.store.job_records import progress_key, read_json
 from pipeline.store.registry import Registry
 
 from .test_bulk_jobs import oneword, status_of, wait_for, wait_for_step, write_manifest

@@ -1,58 +1,15 @@
-"""Where a bulk job keeps its files, beside its checkpoints (``checkpoint_storage``), and reading
-and writing them. No torch and no Ray here: ``oneword status`` imports only this.
-
-    <job>/status.json                 the driver's aggregate: every concept's state, running ones' progress
-    <job>/progress/<concept>.json     a worker's latest progress (step, loss, ETA, attempt, run token)
-    <job>/outcomes/<concept>.json     a packed concept's outcome, as its pack's worker wrote it
-    <job>/packs/<pack>.json           a pack's run token and attempt; <pack>.live.json its live slots
-    <job>/checkpoints/<run>/...       checkpoints of a concept's or a pack's run (pipeline.jobs.checkpoints)
-"""
+"""A bulk job's files through its manifest: its storage, its runs' names, whether a run was
+superseded. Where each record lies, and reading them, is ``pipeline.store.job_records``."""
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from pipeline.jobs.spec import JobSpec
-from pipeline.store.storage import ObjectNotFoundError, Storage, open_storage
-
-# the fields of a progress record that the status aggregate carries for a running concept
-LIVE_FIELDS = ("step", "steps", "loss", "eta_seconds", "attempt", "pack", "slot")
+from pipeline.store.job_records import read_json, status_key
+from pipeline.store.storage import Storage, open_storage
 
 
 def job_storage(spec: JobSpec) -> Storage:
     return open_storage(spec.checkpoint_storage)
-
-
-def write_json(storage: Storage, key: str, value: dict[str, Any]) -> None:
-    storage.put(key, json.dumps(value, indent=2, default=str).encode())
-
-
-def read_json(storage: Storage, key: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(storage.get(key))
-    except ObjectNotFoundError:
-        return None
-
-
-def progress_key(job: str, concept: str) -> str:
-    return f"{job}/progress/{concept}.json"
-
-
-def outcome_key(job: str, concept: str) -> str:
-    return f"{job}/outcomes/{concept}.json"
-
-
-def pack_key(job: str, pack: str) -> str:
-    return f"{job}/packs/{pack}.json"
-
-
-def pack_live_key(job: str, pack: str) -> str:
-    return f"{job}/packs/{pack}.live.json"
-
-
-def status_key(job: str) -> str:
-    return f"{job}/status.json"
 
 
 def concept_run(name: str) -> str:

@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -55,22 +55,20 @@ from pipeline.engine.data import IMAGE_SUFFIXES, load_images
 from pipeline.errors import InputError, OnewordError
 from pipeline.jobs import metrics
 from pipeline.jobs.checkpoints import newest_checkpoint, write_checkpoint
-from pipeline.jobs.job_files import (
+from pipeline.jobs.job_files import concept_run, job_storage, pack_run, superseded
+from pipeline.jobs.job_log import log
+from pipeline.jobs.spec import JobSpec
+from pipeline.store.job_records import (
     LIVE_FIELDS,
-    concept_run,
-    job_storage,
     outcome_key,
     pack_key,
     pack_live_key,
-    pack_run,
+    preview_key,
     progress_key,
     read_json,
     status_key,
-    superseded,
     write_json,
 )
-from pipeline.jobs.job_log import log
-from pipeline.jobs.spec import JobSpec
 from pipeline.store.storage import (
     Result,
     S3Settings,
@@ -79,6 +77,10 @@ from pipeline.store.storage import (
     parse_s3_location,
     wait_out_outage,
 )
+
+if TYPE_CHECKING:
+    from pipeline.engine.inversion import Inversion
+    from pipeline.engine.model import BaseModel
 
 # Environment every Ray process of a job gets: one thread per worker (many share a node) and
 # pyarrow's S3 uploads in the form Ceph RGW and MinIO accept.
@@ -199,7 +201,7 @@ def train_loop(config: dict[str, Any]) -> None:
     started = time.time()
     first_step_at: float | None = None
 
-    def progress(state: str) -> None:
+    def progress(state: str, preview: bool = False) -> None:
         """Best effort: a progress line lost to a storage outage is rewritten at the next interval."""
         done = engine.step_count - resumed_from
         eta = (time.time() - started) / done * (inversion_config.steps - engine.step_count) if done else None
@@ -207,7 +209,7 @@ def train_loop(config: dict[str, Any]) -> None:
                   "steps": inversion_config.steps, "loss": engine.last_loss, "eta_seconds": eta,
                   "attempt": attempt, "token": token, "resumed_from": resumed_from, "pid": os.getpid(),
                   "first_step_at": first_step_at, "updated_at": datetime.now(UTC).isoformat(),
-                  "trained_at": time.time() if state == "trained" else None}  # fmt: skip
+                  "trained_at": time.time() if state == "trained" else None, "preview": preview}  # fmt: skip
         try:
             write_json(storage, key, record)
         except StorageUnavailableError as err:
@@ -239,7 +241,29 @@ def train_loop(config: dict[str, Any]) -> None:
     except SupersededError as stop:
         log(spec, str(stop), concept.name, step=engine.step_count)
         return
-    progress("trained")
+    preview = spec.previews and wait_for_storage(spec, lambda: store_preview(spec, model, engine), concept.name)
+    progress("trained", preview=preview)
+
+
+def render_preview_of(spec: JobSpec, model: BaseModel, engine: Inversion) -> bytes | None:
+    """A trained concept's preview image (``pipeline.engine.training.render_preview``), or None
+    when rendering it fails: a preview is optional, the concept is not."""
+    from pipeline.engine.generation import ImageGenerator
+    from pipeline.engine.training import render_preview
+
+    try:
+        return render_preview(ImageGenerator(model), engine.name, engine.learned_vectors(), engine.config)
+    except Exception as err:  # any failure to render leaves the concept without a preview
+        log(spec, f"no preview: {_describe_failure(err)}", engine.name)
+        return None
+
+
+def store_preview(spec: JobSpec, model: BaseModel, engine: Inversion) -> bool:
+    """Renders the preview and leaves it on the job's storage for the task that publishes."""
+    png = render_preview_of(spec, model, engine)
+    if png is not None:
+        job_storage(spec).put(preview_key(spec.job, engine.name), png)
+    return png is not None
 
 
 # --- the per-concept task -------------------------------------------------------------------------
@@ -326,8 +350,12 @@ def train_one(spec_data: dict[str, Any], name: str, token: str) -> dict[str, Any
             final_loss=float(state["last_loss"]),
             config={**state["config"], "images": concept.images},
         )
+        preview = None  # rendered by the worker; this run's only (a record of this run says it is there)
+        if progress.get("preview") and progress.get("token") == token:
+            preview = patiently(lambda: job_storage(spec).get(preview_key(spec.job, name)))
         publishing = time.perf_counter()
-        manifest = patiently(lambda: registry.publish(learned, {"final_loss": learned.final_loss}, job_id=spec.job))
+        manifest = patiently(lambda: registry.publish(learned, {"final_loss": learned.final_loss}, job_id=spec.job,
+                                                      preview=preview))  # fmt: skip
         metrics.publish_seconds.observe(time.perf_counter() - publishing, job=spec.job)
         outcome = ConceptOutcome(name, "published", manifest.version, learned.steps, learned.final_loss,
                                  attempts=int(progress.get("attempt", 1)))  # fmt: skip
@@ -373,7 +401,6 @@ def pack_loop(config: dict[str, Any]) -> None:
     import ray.train
 
     from pipeline.engine.formats import LearnedConcept
-    from pipeline.engine.inversion import Inversion
     from pipeline.engine.model import load_base_model, resolve_dtype
     from pipeline.engine.packing import Pack, Request
     from pipeline.engine.training import Due
@@ -475,11 +502,13 @@ def pack_loop(config: dict[str, Any]) -> None:
             log(spec, "not published: a newer run of this job took over", engine.name)
             return
         # published already if the worker died after publishing and before the next checkpoint
-        publishing = time.perf_counter()
-        manifest = patiently(lambda: registry.find(engine.name, job_id=spec.job)) or patiently(
-            lambda: registry.publish(learned, {"final_loss": learned.final_loss}, job_id=spec.job)
-        )
-        metrics.publish_seconds.observe(time.perf_counter() - publishing, job=spec.job)
+        manifest = patiently(lambda: registry.find(engine.name, job_id=spec.job))
+        if manifest is None:
+            preview = render_preview_of(spec, model, engine) if spec.previews else None
+            publishing = time.perf_counter()
+            manifest = patiently(lambda: registry.publish(learned, {"final_loss": learned.final_loss},
+                                                          job_id=spec.job, preview=preview))  # fmt: skip
+            metrics.publish_seconds.observe(time.perf_counter() - publishing, job=spec.job)
         progress(engine, "trained")
         since = seen.get(engine.name, (trained_at, 0))[0]
         record(ConceptOutcome(engine.name, "published", manifest.version, learned.steps, learned.final_loss,

@@ -23,7 +23,6 @@ Errors name the file, the line and the field (``jobs.yaml:14: concepts.1.init_wo
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,8 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pipeline.engine.concepts import validate_name
 from pipeline.engine.config import ConfigError, InversionConfig
 from pipeline.engine.recipes import load_recipe
-
-JOB_ID_RULE = "1-64 characters from a-z, 0-9, '-' and '_'"
+from pipeline.store.job_records import JOB_ID_RE, JOB_ID_RULE
 
 
 class Resources(BaseModel):
@@ -101,6 +99,11 @@ class JobSpec(BaseModel):
     max_concurrent: int = Field(4, ge=1, le=10_000, description="concepts (packs, when pack_size > 1) running at once")
     keep_checkpoints: int = Field(2, ge=1, le=100)
     storage_patience: float = Field(600.0, ge=0, le=86_400, description="seconds to wait out an object-store outage")
+    previews: bool = Field(
+        True,
+        description="render each trained concept's preview image (its first validation prompt, "
+        "validation_steps denoising steps) and keep it with the version in the registry",
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="the job's log lines: text, or JSON lines with the job id, concept and fields in each"
     )
@@ -108,7 +111,7 @@ class JobSpec(BaseModel):
     @field_validator("job")
     @classmethod
     def _valid_job(cls, job: str) -> str:
-        if not re.fullmatch(r"[a-z0-9_-]{1,64}", job):
+        if not JOB_ID_RE.fullmatch(job):
             raise ValueError(f"invalid job id {job!r}: use {JOB_ID_RULE}")
         return job
 

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import InputError, OnewordError
-from pipeline.jobs.job_files import job_storage, progress_key, read_json, status_key
+from pipeline.jobs.job_files import job_storage
 from pipeline.jobs.spec import JobSpec
+from pipeline.store.job_records import progress_key, read_job_status, read_json, status_key
 
 if TYPE_CHECKING:
     from pipeline.jobs.ray_train import JobSummary
@@ -97,7 +98,7 @@ def run_local(spec: JobSpec) -> JobSummary:
 
 def mark_submitted(spec: JobSpec, submission_id: str) -> None:
     """Records a new submission before it starts, so that status never shows the previous run's end."""
-    from datetime import UTC, datetime
+    from datetime import datetime
 
     status = {"job": spec.job, "state": "submitted", "submission_id": submission_id,
               "updated_at": datetime.now(UTC).isoformat(),
@@ -202,29 +203,16 @@ def cancel(spec: JobSpec, address: str) -> str:
     return f"stopped submission {submission}"
 
 
-# A running job's driver rewrites its status every poll (2 s); this long without a word, it is
-# presumed gone (killed, or its node lost) and the status says so.
-DRIVER_SILENT_S = 60.0
-
-
 def read_status(spec: JobSpec, now: datetime | None = None) -> dict[str, Any]:
-    """The job's status as its driver last wrote it: one read, whatever the job's size. A job
-    whose driver has been silent for ``DRIVER_SILENT_S`` is shown as ``stale``."""
-    status = read_json(job_storage(spec), status_key(spec.job))
+    """The job's status as its driver last wrote it (``read_job_status``), or every concept
+    pending before its driver's first word."""
+    status = read_job_status(job_storage(spec), spec.job, now)
     if status is None:
         return {
             "job": spec.job,
             "state": "not started",
             "concepts": {c.name: {"state": "pending"} for c in spec.concepts},
         }
-    if status["state"] == "running" and status.get("updated_at"):
-        silent = ((now or datetime.now(UTC)) - datetime.fromisoformat(status["updated_at"])).total_seconds()
-        if silent > DRIVER_SILENT_S:
-            status["state"], status["silent_seconds"] = "stale", round(silent)
-            driver = status.get("submission_id") or "this job"
-            status["error"] = (f"no word from the driver of {driver} for {silent:.0f} s: it has stopped; submit "
-                               "the manifest again to resume (finished concepts are skipped, unfinished ones "
-                               "resume from their checkpoints)")  # fmt: skip
     return status
 
 
