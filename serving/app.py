@@ -2,7 +2,10 @@
 
     POST /v1/generate               prompt with <name> / <name@version> references -> images
     POST /v1/images/generations     the OpenAI Images API subset (b64_json)
-    GET  /v1/concepts, /v1/concepts/{name}, /healthz, /readyz, /docs (OpenAPI)
+    GET  /v1/concepts, /v1/concepts/{name}, /v1/concepts/{name}/preview   the registry
+    GET  /v1/jobs, /v1/jobs/{job}   bulk jobs in the configured job_storage locations
+    GET  /ui/                       the web console (serving/console/), a client of the routes above
+    GET  /healthz, /readyz, /docs (OpenAPI)
 
 Each replica loads the base model once. Requests are resolved (concept references pinned to
 versions through the replica's ``ConceptCache``) and then batched with ``@serve.batch``:
@@ -22,11 +25,12 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -140,6 +144,30 @@ def public_summary(manifest) -> dict[str, Any]:
     return summary
 
 
+# --- the console: static files that ship with the package, under a strict policy ----------------
+
+CONSOLE_DIR = Path(__file__).parent / "console"
+CONSOLE_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                 ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}  # fmt: skip
+CONSOLE_FILES = {p.name: p for p in CONSOLE_DIR.iterdir() if p.suffix in CONSOLE_TYPES} if CONSOLE_DIR.is_dir() else {}
+# scripts and styles only from the service itself (no inline code, nothing from elsewhere);
+# images also from blob:/data: URLs (previews fetched with the API key, generated images)
+CONSOLE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def console_file(name: str) -> Response:
+    path = CONSOLE_FILES.get(name)
+    if path is None:
+        raise ApiError(404, "not_found", f"no console file {name!r}")
+    return Response(path.read_bytes(), media_type=CONSOLE_TYPES[path.suffix], headers=CONSOLE_HEADERS)
+
+
 # --- the work unit that gets batched --------------------------------------------------------------
 
 
@@ -197,6 +225,7 @@ class Generator:
         from pipeline.engine.model import default_device, load_base_model, resolve_dtype
         from pipeline.store.model_cache import local_model_source
         from pipeline.store.registry import Registry, default_registry_location
+        from pipeline.store.storage import open_storage
         from serving import request_guard
         from serving.concept_cache import ConceptCache
 
@@ -209,6 +238,7 @@ class Generator:
         self.model = load_base_model(local_model_source(self.settings.base_model), device, dtype)
         self.generator = ImageGenerator(self.model)
         self.registry = Registry.open(self.settings.registry or default_registry_location())
+        self.job_storages = [open_storage(location) for location in self.settings.job_storage]
         self.cache = ConceptCache(self.registry, self.settings.concept_ttl_s, self.settings.concept_cache_size,
                                   check=lambda concept: check_compatible(concept, self.model),
                                   on_load=metrics.load_seconds.observe)  # fmt: skip
@@ -394,6 +424,84 @@ class Generator:
             close = difflib.get_close_matches(name, list(self.registry.names()), n=3, cutoff=0.5)
             raise ApiError(404, "concept_not_found", f"no concept named {name!r}", close_matches=close) from None
         return {"latest": public_summary(manifest), "versions": versions}
+
+    @api.get("/v1/concepts/{name}/preview", responses={200: {"content": {"image/png": {}}}})
+    async def concept_preview(self, name: str, version: str | None = None) -> Response:
+        """The version's preview image (latest if no version); 404 ``no_preview`` when it has none."""
+        from pipeline.errors import InputError
+        from pipeline.store.registry import ConceptNotFoundError, NoPreviewError
+
+        try:
+            manifest, png = await asyncio.to_thread(self.registry.preview, name, version)
+        except NoPreviewError as err:
+            raise ApiError(404, "no_preview", str(err)) from None
+        except ConceptNotFoundError as err:
+            message = str(err).replace(f" in registry {self.registry.location}", "")
+            raise ApiError(404, "concept_not_found", message) from None
+        except InputError as err:
+            raise ApiError(422, "invalid_concept_name", str(err)) from None
+        cache = "private, max-age=31536000, immutable" if version else "private, no-cache"
+        return Response(png, media_type="image/png", headers={"Cache-Control": cache, "X-Concept-Version":
+                                                                manifest.version})  # fmt: skip
+
+    def _job_statuses(self) -> dict[str, dict[str, Any]]:
+        """Every job in the configured ``job_storage`` locations, by id (the first location that
+        holds an id wins)."""
+        from pipeline.store.job_records import job_names, read_job_status
+
+        found: dict[str, dict[str, Any]] = {}
+        for storage in self.job_storages:
+            for job in job_names(storage):
+                if job not in found and (status := read_job_status(storage, job)) is not None:
+                    found[job] = status
+        return found
+
+    def _job_status(self, job: str) -> dict[str, Any]:
+        from pipeline.store.job_records import JOB_ID_RE, JOB_ID_RULE, read_job_status
+
+        if not JOB_ID_RE.fullmatch(job):
+            raise ApiError(422, "invalid_request", f"invalid job id {job!r}: {JOB_ID_RULE}")
+        for storage in self.job_storages:
+            if (status := read_job_status(storage, job)) is not None:
+                return status
+        where = "no job_storage is configured" if not self.job_storages else "not in the configured job_storage"
+        raise ApiError(404, "job_not_found", f"no job {job!r}: {where}")
+
+    @api.get("/v1/jobs")
+    async def list_jobs(self) -> dict[str, Any]:
+        """The bulk jobs in the service's ``job_storage`` locations: state, counts and times each."""
+        from pipeline.store.storage import StorageUnavailableError
+
+        try:
+            statuses = await asyncio.to_thread(self._job_statuses)
+        except StorageUnavailableError as err:
+            raise ApiError(503, "storage_unavailable", f"job storage: {err}") from None
+        fields = ("job", "state", "counts", "started_at", "updated_at", "error")
+        return {"jobs": [{k: status.get(k) for k in fields} for status in statuses.values()]}
+
+    @api.get("/v1/jobs/{job}")
+    async def show_job(self, job: str) -> dict[str, Any]:
+        """A bulk job's status as its driver keeps it: every concept's state, step, loss, ETA, error."""
+        from pipeline.store.storage import StorageUnavailableError
+
+        try:
+            return await asyncio.to_thread(self._job_status, job)
+        except StorageUnavailableError as err:
+            raise ApiError(503, "storage_unavailable", f"job storage: {err}") from None
+
+    # --- the console (no API key: static files; every call they make is an API call with its key)
+
+    @api.get("/ui", include_in_schema=False)
+    async def console_root(self) -> Response:
+        return RedirectResponse("ui/")  # relative: right behind any route prefix
+
+    @api.get("/ui/", include_in_schema=False)
+    async def console_index(self) -> Response:
+        return console_file("index.html")
+
+    @api.get("/ui/{name}", include_in_schema=False)
+    async def console_asset(self, name: str) -> Response:
+        return console_file(name)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:

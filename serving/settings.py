@@ -44,6 +44,13 @@ class ServeSettings(BaseModel):
     concept_ttl_s: float = Field(5.0, ge=0, description="how long 'latest' stays cached before re-resolving")
     concept_cache_size: int = Field(1024, ge=1, description="concept versions kept per replica (LRU)")
 
+    # the console's jobs page
+    job_storage: list[str] = Field(
+        default_factory=list,
+        description="checkpoint_storage locations (s3://... or folders) whose bulk jobs GET /v1/jobs and the "
+        "console show",
+    )
+
     # security: comma-separated bearer tokens in this environment variable, or one per line in a file
     api_keys_env: str = Field(
         "ONEWORD_API_KEYS", description="environment variable holding comma-separated bearer tokens (unset: no keys)"
