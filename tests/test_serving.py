@@ -423,10 +423,16 @@ def test_health_and_concept_reads_do_not_wait_behind_generations(service):
                 break
             time.sleep(0.02)
         light = [httpx.get(f"{base}{path}", headers=headers, timeout=60)
-                 for path in ("/healthz", "/v1/concepts", "/v1/concepts/busy", "/readyz")]  # fmt: skip
+                 for path in ("/healthz", "/v1/concepts", "/v1/concepts/busy")]  # fmt: skip
+        # then /readyz until a full replica answers it: Serve's router may send any one request to
+        # the other replica, whose slots need not all be taken at that moment
+        for _ in range(50):
+            light.append(httpx.get(f"{base}/readyz", timeout=60))
+            if full(light[-1]):
+                break
         answers = [f.result() for f in futures]
     assert full(first), first.json()
-    assert [r.status_code for r in light] == [200, 200, 200, 200]
+    assert {r.status_code for r in light} == {200}, [(r.url, r.status_code) for r in light]
     assert full(light[-1]), light[-1].json()  # answered while a replica's slots were all taken and it had a queue
     # served, or refused as documented where Serve's router sent a replica more than its 8 + 16
     # (it balances by all requests held, light ones included, and a burst outruns its view)
