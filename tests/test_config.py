@@ -141,6 +141,11 @@ def test_init_word_search_needs_candidates_and_records_nothing_of_them_unless_on
         make_config({"init_word_candidates": ["cat"]})
     with pytest.raises(ConfigError, match="init_word_candidates: .*'golden retriever' must be a single word"):
         make_config({"init_word_search": True, "init_word_candidates": ["golden retriever"]})
+    # words proposed from the vocabulary come on top of the listed ones; they are part of the search,
+    # which turns off as a whole (a recipe may propose and a flag turn the search off)
+    proposing = make_config({"class_word": "dog", "init_word_search": True, "init_word_vocabulary": 8})
+    assert proposing.search_candidates() == class_members()["dog"] and proposing.init_word_vocabulary == 8
+    assert make_config({"class_word": "dog", "init_word_vocabulary": 8}).init_word_vocabulary == 0
 
 
 def test_manifest_recipes_job_wide_and_per_concept():

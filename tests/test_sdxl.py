@@ -30,7 +30,7 @@ from pipeline.engine.formats import (
     save_concept,
 )
 from pipeline.engine.generation import ImageGenerator, IncompatibleConceptError, check_compatible
-from pipeline.engine.init_words import CHANCE_WORDS, chance_rows
+from pipeline.engine.init_words import CHANCE_WORDS, COLOUR_WORDS, chance_rows, vocabulary
 from pipeline.engine.inversion import Inversion
 from pipeline.engine.model import TINY_TEXT_CONFIG, TINY_TEXT_CONFIG_2, load_base_model
 from pipeline.store.registry import Registry
@@ -182,6 +182,18 @@ def test_the_init_word_searchs_random_words_cover_both_encoders(sdxl, model):
     directions = torch.randn(CHANCE_WORDS, 1, one.shape[-1], generator=torch.Generator().manual_seed(3))
     median = model.text_encoder.get_input_embeddings().weight.float().norm(dim=-1).median()
     assert torch.equal(one, directions / directions.norm(dim=-1, keepdim=True) * median)
+
+
+def test_the_vocabulary_proposals_choose_from_is_whole_words_in_both_encoders(sdxl, model):
+    """The words the init word search may propose: whole lower-case words of one token, no colour
+    words, with each encoder's embedding side by side exactly as a prompt would use them."""
+    for base, width in ((model, WIDTHS[0]), (sdxl, sum(WIDTHS))):
+        words, rows = vocabulary(base)
+        assert len(words) == len(rows) > 10_000 and rows.shape[-1] == width
+        assert {"dog", "long", "shape"} <= set(words) and not COLOUR_WORDS & set(words)
+        assert all(w.isalpha() and w.islower() and len(w) >= 3 for w in words)
+        for i in (0, len(words) // 2, len(words) - 1, words.index("dog")):
+            assert torch.equal(rows[i : i + 1], base.text_embeddings(words[i])), words[i]
 
 
 def test_concepts_of_the_other_architecture_are_refused_naming_both(sdxl, model):

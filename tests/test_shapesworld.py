@@ -131,13 +131,18 @@ def test_init_word_search_finds_the_models_word_for_the_images(shapesworld, tmp_
     assert torch.equal(engine.learned_vectors(), again.learned_vectors())
     # "crescent" never occurs in this model's captions: on the arrow (which has no name here) it
     # beats "shape" by many standard errors, but no more than the best of random embeddings would,
-    # so "shape" stays
+    # so it is refused. No listed word describes the arrow; the gradient at "shape" proposes the
+    # word the captions use for arrows alone ("a red pointy long thing"), which is chosen
     arrow = load_images(write_concept_images(tmp_path / "arrow", "arrow", "red", count=5, seed=0),
                         shapesworld.resolution)  # fmt: skip
-    engine = Inversion(shapesworld, arrow, make_config({**search, "init_word_candidates": ["crescent"]}), "a")
+    config = make_config({**search, "init_word_candidates": ["crescent"], "init_word_vocabulary": 3})
+    engine = Inversion(shapesworld, arrow, config, "a")
     result = engine.init_search
     assert result.margins["crescent"] >= MARGIN and result.chance["crescent"] < CHANCE_LEAD
-    assert result.chosen == "shape" and engine.config.init_word == "shape"
+    assert len(result.proposed) == 3 and "long" in result.proposed and "crescent" not in result.proposed
+    assert set(result.losses) == {"shape", "crescent", *result.proposed}
+    assert result.chosen == "long" and result.chance["long"] >= CHANCE_LEAD and result.margin >= MARGIN
+    assert (engine.config.init_word, engine.config.init_word_vocabulary) == ("long", 0)
 
 
 def test_a_chosen_word_of_several_tokens_gets_a_vector_per_token():

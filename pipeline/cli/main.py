@@ -261,8 +261,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model = load_base_model(local_model_source(args.base_model), device, resolve_dtype(config.precision, device))
     resolution = config.resolution or model.resolution
     images = load_images(args.images, resolution, config.min_image_side)
-    start = (f"the best of {config.init_word!r} and {len(config.search_candidates())} candidates (init word search)"
-             if config.init_word_search else repr(config.init_word))  # fmt: skip
+    proposed = f" + {config.init_word_vocabulary} from the vocabulary" if config.init_word_vocabulary else ""
+    start = (f"the best of {config.init_word!r} and {len(config.search_candidates())}{proposed} candidates "
+             "(init word search)" if config.init_word_search else repr(config.init_word))  # fmt: skip
     print(f"training <{args.name}> from {start}{' with recipe ' + config.recipe if config.recipe else ''} "
           f"on {len(images)} images at {resolution}px, {config.steps} steps, "
           f"device {device}, weights {str(model.dtype).removeprefix('torch.')}", file=sys.stderr)  # fmt: skip

@@ -147,6 +147,14 @@ class InversionConfig(BaseModel):
         description="words init_word_search chooses among, besides init_word (default: the class's "
         "members from the shipped word list), e.g. ['poodle', 'terrier']",
     )
+    init_word_vocabulary: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="init_word_search also scores this many words proposed from the tokenizer's whole "
+        "vocabulary: those the loss's gradient at init_word points to most (colour words excluded), for "
+        "concepts no listed word describes; 0: only the listed candidates",
+    )
     seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of every random draw (images, captions, noise)")
     precision: Precision = Field("auto", description="auto: bf16 on GPUs that support it, else fp32")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay on the new vectors")
@@ -162,6 +170,15 @@ class InversionConfig(BaseModel):
     )
     validation_interval: int = Field(500, ge=1, description="steps between validation grids")
     validation_steps: int = Field(25, ge=1, le=1000, description="denoising steps of validation images")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_proposals_without_the_search(cls, data: Any) -> Any:
+        """``init_word_vocabulary`` is part of the search: a recipe may set it and ``--no-init-word-search``
+        still turns the whole search off (and the recorded config says 0)."""
+        if isinstance(data, dict) and not data.get("init_word_search") and data.get("init_word_vocabulary"):
+            data = {**data, "init_word_vocabulary": 0}
+        return data
 
     @model_validator(mode="before")
     @classmethod

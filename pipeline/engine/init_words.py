@@ -27,10 +27,23 @@ after 600 steps, while the same recipe started from the model's own word for it 
 
 Colour and other attribute words are not candidates: they would lower the loss by describing the
 images' colour, which is exactly what the word should leave to the prompt.
+
+A concept that no listed word describes (ShapesWorld's arrow, which the captions never name) can
+still have a word the model knows for it elsewhere in the vocabulary. ``init_word_vocabulary``
+proposes that many more candidates from the tokenizer's whole words: the loss's gradient at
+``init_word``, averaged over the same paired samples, says which way the loss falls fastest, and
+the words whose embeddings lie furthest that way from ``init_word``'s, to first order
+``(e_word - e_init) . grad``, are proposed (as HotFlip and AutoPrompt propose token swaps). One
+backward pass and one matrix product rank every word; the proposals then pass the same two tests
+as listed words. Colour words are never proposed. The chance test's random embeddings are not
+chosen by the gradient as the proposals are, so a word the model never learned can pass it when
+it happens to lie the right way (on the SDXL-shaped ShapesWorld's hourglass, docs/quality.md).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -40,12 +53,21 @@ from pipeline.engine.config import InversionConfig, class_references, make_confi
 
 if TYPE_CHECKING:
     from pipeline.engine.inversion import Batch, Inversion
+    from pipeline.engine.model import BaseModel
 
 SAMPLES_PER_IMAGE = 64  # (noise, timestep) draws per image: 320 paired samples for five images
 MARGIN = 3.0  # standard errors by which a candidate must beat init_word
 CHANCE_WORDS = 16  # random embeddings that show what a word that means nothing here scores
 CHANCE_LEAD = 0.5  # a candidate's lead over the best of them, in units of that one's lead over their median
 PROMPT = "a photo of a {}"
+# whole words the vocabulary proposal may choose: lower-case letters only, three or more
+VOCABULARY_WORD = re.compile(r"[a-z]{3,}")
+COLOUR_WORDS = frozenset([
+    "red", "orange", "yellow", "green", "blue", "purple", "violet", "pink", "brown", "black", "white", "grey",
+    "gray", "cyan", "magenta", "teal", "turquoise", "navy", "maroon", "beige", "gold", "golden", "silver",
+    "crimson", "scarlet", "indigo", "lime", "olive", "tan", "ivory", "colour", "color", "colored", "coloured",
+    "colorful", "colourful",
+])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -57,6 +79,7 @@ class SearchResult:
     losses: dict[str, float]
     margins: dict[str, float]  # each candidate's mean advantage over the baseline, in standard errors
     chance: dict[str, float]  # each word's lead over the best random embedding (see CHANCE_LEAD)
+    proposed: tuple[str, ...] = ()  # the candidates the vocabulary proposal added
 
     @property
     def margin(self) -> float:
@@ -67,7 +90,20 @@ class SearchResult:
         return {"chosen": self.chosen, "baseline": self.baseline, "margin": round(self.margin, 2),
                 "losses": {w: round(v, 6) for w, v in self.losses.items()},
                 "margins": {w: round(v, 2) for w, v in self.margins.items()},
-                "chance": {w: round(v, 2) for w, v in self.chance.items()}}  # fmt: skip
+                "chance": {w: round(v, 2) for w, v in self.chance.items()},
+                "proposed": list(self.proposed)}  # fmt: skip
+
+
+def _pieces(batch: Batch, size: int = 64) -> Iterator[Batch]:
+    for part in range(0, len(batch.prompts), size):
+        chunk = slice(part, part + size)
+        yield replace(batch, latents=batch.latents[chunk], noise=batch.noise[chunk],
+                      timesteps=batch.timesteps[chunk], prompts=batch.prompts[chunk])  # fmt: skip
+
+
+def _losses(engine: Inversion, piece: Batch, rows: torch.Tensor) -> torch.Tensor:
+    error = engine.predict(piece, {engine.name: rows}) - engine.target(piece)
+    return error.pow(2).flatten(1).mean(1)
 
 
 @torch.no_grad()
@@ -75,14 +111,36 @@ def sample_losses(engine: Inversion, batch: Batch, rows: torch.Tensor) -> torch.
     """Per-sample diffusion loss of ``batch`` (captions ``PROMPT``) with the input embeddings
     ``rows`` ``[tokens, dim]`` in the engine's place: ``[samples]``."""
     rows = rows.to(engine.device)
-    losses = []
-    for part in range(0, len(batch.prompts), 64):
-        chunk = slice(part, part + 64)
-        piece = replace(batch, latents=batch.latents[chunk], noise=batch.noise[chunk],
-                        timesteps=batch.timesteps[chunk], prompts=batch.prompts[chunk])  # fmt: skip
-        error = engine.predict(piece, {engine.name: rows}) - engine.target(piece)
-        losses.append(error.pow(2).flatten(1).mean(1).cpu())
-    return torch.cat(losses)
+    return torch.cat([_losses(engine, piece, rows).cpu() for piece in _pieces(batch)])
+
+
+def loss_gradient(engine: Inversion, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
+    """The gradient of the mean diffusion loss of ``batch`` with respect to ``rows`` ``[tokens, dim]``."""
+    rows = rows.detach().to(engine.device).requires_grad_(True)
+    for piece in _pieces(batch):
+        (_losses(engine, piece, rows).sum() / len(batch.prompts)).backward()
+    return rows.grad.detach().cpu()
+
+
+def vocabulary(model: BaseModel) -> tuple[list[str], torch.Tensor]:
+    """The tokenizer's whole words (``VOCABULARY_WORD``, one token in every tokenizer, no colour
+    words) and their input embeddings ``[words, dim]``, encoders side by side as in ``text_embeddings``."""
+    tokenizers = [model.tokenizer, *([model.tokenizer_2] if model.text_encoder_2 is not None else [])]
+    vocabs = [tokenizer.get_vocab() for tokenizer in tokenizers]
+    words = [token[:-4] for token in vocabs[0] if token.endswith("</w>") and VOCABULARY_WORD.fullmatch(token[:-4])
+             and token[:-4] not in COLOUR_WORDS and all(token in v for v in vocabs[1:])]  # fmt: skip
+    tables = [encoder.get_input_embeddings().weight.detach().float() for encoder in model.text_encoders]
+    rows = [table[torch.tensor([v[f"{w}</w>"] for w in words])] for table, v in zip(tables, vocabs, strict=True)]
+    return words, torch.cat(rows, dim=-1)
+
+
+def propose_words(engine: Inversion, batch: Batch, init: torch.Tensor, count: int, exclude: set[str]) -> list[str]:
+    """The ``count`` words whose embeddings lie furthest from the one-token ``init`` ``[1, dim]`` in
+    the direction the loss falls, to first order; none of ``exclude``."""
+    gradient = loss_gradient(engine, batch, init)[0]
+    words, rows = vocabulary(engine.model)
+    order = ((rows - init[0].cpu()) @ gradient).argsort().tolist()
+    return [words[i] for i in order if words[i] not in exclude][:count]
 
 
 def chance_rows(encoders: list[torch.nn.Module], seed: int) -> torch.Tensor:
@@ -102,6 +160,12 @@ def search_init_word(engine: Inversion, config: InversionConfig) -> SearchResult
     # its own draws, the same for every word: the training stream is the same with or without a search
     batch = engine.evaluation_batch(config.seed + 7919, repeats=SAMPLES_PER_IMAGE, template=PROMPT)
     words = [config.init_word, *config.search_candidates()]
+    init = engine.model.text_embeddings(config.init_word)
+    proposed = []
+    if config.init_word_vocabulary and len(init) == 1:  # a swap of one token: what the gradient ranks
+        exclude = {w.lower() for w in words} | {(config.class_word or "").lower()}
+        proposed = propose_words(engine, batch, init, config.init_word_vocabulary, exclude)
+        words += proposed
     scores = {word: sample_losses(engine, batch, engine.model.text_embeddings(word)) for word in words}
     random_rows = chance_rows(engine.model.text_encoders, config.seed)
     random = torch.stack([sample_losses(engine, batch, rows).mean() for rows in random_rows])
@@ -114,7 +178,7 @@ def search_init_word(engine: Inversion, config: InversionConfig) -> SearchResult
         margins[word] = -difference.mean().item() / max(difference.std().item() / len(difference) ** 0.5, 1e-12)
     passing = [w for w in words[1:] if margins[w] >= MARGIN and chance[w] >= CHANCE_LEAD]
     chosen = min(passing, key=losses.get, default=config.init_word)
-    return SearchResult(chosen, config.init_word, losses, margins, chance)
+    return SearchResult(chosen, config.init_word, losses, margins, chance, tuple(proposed))
 
 
 def with_chosen_word(config: InversionConfig, result: SearchResult, tokens: int) -> InversionConfig:
@@ -122,7 +186,7 @@ def with_chosen_word(config: InversionConfig, result: SearchResult, tokens: int)
     chosen word as edit consistency's reference in place of the class's members, and the search
     off, so that the recorded config reproduces the run as it stands."""
     values = config.model_dump()
-    values.update(init_word=result.chosen, init_word_search=False, init_word_candidates=[],
+    values.update(init_word=result.chosen, init_word_search=False, init_word_candidates=[], init_word_vocabulary=0,
                   num_vectors=max(config.num_vectors, tokens))  # fmt: skip
     if result.chosen != result.baseline and config.edit_reference_words == class_references(config.class_word):
         # the chosen word is the best reference the edits have: a word the model knows for these very
