@@ -114,6 +114,9 @@ def variants(steps: int, base: dict) -> dict[str, dict]:
         "recipe shapesworld": recipe_variant("shapesworld"),
         # the recipe as it was before it chose the init word from the images: the class word itself
         "recipe shapesworld without init word search": {**recipe_variant("shapesworld"), "init_word_search": False},
+        # the search among the class's members only, as before it also scored words proposed from the
+        # whole vocabulary by the loss's gradient
+        "recipe shapesworld without vocabulary proposals": {**recipe_variant("shapesworld"), "init_word_vocabulary": 0},
         "1 vector": {},
         "2 vectors": {"num_vectors": 2},
         "progressive": {"progressive_steps": [steps // 3, 2 * steps // 3]},
