@@ -28,7 +28,7 @@ from pipeline.store.registry import ARTIFACT, MANIFEST, PREVIEW, ROOT, Registry
 
 from .test_bulk_jobs import DEFAULTS, oneword, reference_vectors, status_of, wait_for_end, write_manifest
 
-CONCEPTS = int(os.environ.get("ONEWORD_CHAOS_CONCEPTS", "6"))
+CONCEPTS = int(os.environ.get("ONEWORD_CHAOS_CONCEPTS", "4"))
 STEPS = 40
 FAULTS = int(os.environ.get("ONEWORD_CHAOS_FAULTS", "4"))
 SEED = int(os.environ.get("ONEWORD_CHAOS_SEED", "7"))
