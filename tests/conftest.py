@@ -32,6 +32,12 @@ from pipeline.engine.data import load_images
 from pipeline.engine.model import TINY_TEXT_CONFIG, BaseModel, build_tiny_model, load_base_model
 from pipeline.shapesworld.world import write_concept_images
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two xdist workers share the two cores with the Ray head's processes: one torch thread each
+    # (their subprocesses too), so a pure-torch test never starves the Ray test beside it.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 def pytest_configure(config) -> None:
     """Re-executes this pytest run inside a loopback-only network namespace (see the docstring)."""
@@ -43,6 +49,38 @@ def pytest_configure(config) -> None:
     if capture is not None:
         capture.stop_global_capturing()  # hand the real stdout/stderr to the new process
     reexec_isolated([sys.executable, "-m", "pytest", *sys.argv[1:]])
+
+
+SERVICE_FIXTURES = {"s3_server", "ray_head"}  # session-wide servers; every other fixture is per worker
+
+
+def uses_services(item: pytest.Item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return bool(SERVICE_FIXTURES & set(getattr(item, "fixturenames", ()))) or params.get("storage_location") == "s3"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items: list[pytest.Item]) -> None:
+    """Schedules the suite for two xdist workers (``-n 2 --dist loadgroup`` in pyproject.toml).
+
+    The tests that use the S3 server or the Ray head form one group, which one worker runs in
+    order, so a run starts one server of each and no two tests share the Ray head's two CPUs.
+    The other worker runs the rest, the ``heavy`` ones first so that none of them is left to
+    end the run. Without xdist the same order holds and the group is just a marker."""
+    for item in items:
+        if uses_services(item):
+            item.add_marker(pytest.mark.xdist_group("services"))
+    items.sort(key=lambda item: (not uses_services(item), item.get_closest_marker("heavy") is None))
+
+
+@pytest.fixture(autouse=True)
+def _yield_to_services(request) -> None:
+    """Under xdist, a worker that runs a test without the servers steps back for the rest of its
+    life (Linux's SCHED_IDLE: it runs when a core would otherwise idle): the services' worker and
+    the Ray processes it drives wait on each other's start-ups, so they keep the cores they ask
+    for, and the heavy pure-torch tests fill the gaps between."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and not uses_services(request.node):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 @pytest.fixture(scope="session")
@@ -162,9 +200,11 @@ def ray_head(s3_server, tmp_path_factory):
     token_file.write_text(secrets.token_hex(16))
     venv_bin = os.path.dirname(sys.executable)
     # Ray Train's controllers poll their workers every 0.5 s instead of 2 s: a run's end (and a
-    # killed worker) is seen sooner, in each of the suite's few dozen tiny runs
+    # killed worker) is seen sooner, in each of the suite's few dozen tiny runs; and no run starts
+    # a preemption watcher actor, since one local node is never preempted
     env = {**os.environ, **s3_server.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
            "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
            "PATH": f"{venv_bin}:{os.environ['PATH']}"}  # fmt: skip
     dashboard, client, gcs, metrics = free_ports(4)
     started = subprocess.run([os.path.join(venv_bin, "ray"), "start", "--head", "--node-ip-address=127.0.0.1",

@@ -220,7 +220,7 @@ def test_killed_train_worker_and_controller_resume_from_their_checkpoint_bit_ide
     assert torch.equal(learned.vectors, reference_vectors(tiny_model_dir, star_dir, steps))
 
 
-SLOW = 1000  # steps of the concept a test cancels mid-training (~30 s of margin for the cancel)
+SLOW = 400  # steps of a concept the test cancels mid-training: 10-20 s of margin for the cancel
 
 
 def test_cancelled_driver_then_resubmit_skips_finished_and_resumes_unfinished(

@@ -50,6 +50,7 @@ def test_train_writes_the_concept_logs_and_samples(tiny_model_dir, star_dir, tmp
     assert torch.equal(load_concept_file(out / "star.a1111.pt").vectors, tensors["<star>"])
 
 
+@pytest.mark.heavy
 def test_compile_unet_trains_the_same_run(tiny_model_dir, star_dir, tmp_path):
     runs = {"eager": [], "compiled": ["--compile-unet"]}
     for name, extra in runs.items():

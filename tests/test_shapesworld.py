@@ -81,6 +81,7 @@ def test_oracle_reads_clean_images_and_rejects_blobs():
     assert np.mean([p[0] == "none" for p in oracle.classify(blobs)]) >= 0.8
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", ["shapesworld", "shapesworld-xl"])
 def test_the_engine_learns_a_named_shape(name, tmp_path):
     """One concept, seeded: reconstruction >= 0.9, edits keep the shape >= 0.9, editability >= 2x init word's;
@@ -107,6 +108,7 @@ def test_the_engine_learns_a_named_shape(name, tmp_path):
     assert learned.editability > 0
 
 
+@pytest.mark.heavy
 def test_init_word_search_finds_the_models_word_for_the_images(shapesworld, tmp_path):
     """Among the class word and candidates, the word whose prompt denoises the images clearly better
     than the class word and than random embeddings wins; the recorded config reproduces the run;
@@ -166,6 +168,7 @@ def test_a_chosen_word_becomes_edit_consistencys_reference_unless_references_wer
     assert with_chosen_word(given, found, tokens=1).edit_reference_words == ["oval"]
 
 
+@pytest.mark.heavy
 def test_shapesworld_score_reads_a_concept_of_the_sdxl_world(tmp_path, capsys):
     """`oneword train` on the bundled SDXL-shaped world writes diffusers' SDXL pair, and
     `shapesworld-score --base-model shapesworld-xl` scores it with the shared oracle."""
