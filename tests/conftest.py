@@ -195,6 +195,7 @@ def ray_head(s3_server, tmp_path_factory):
     import secrets
 
     from tests.ceph_rgw import free_ports
+    from tests.prometheus import REPORT_INTERVAL_S
 
     token_file = tmp_path_factory.mktemp("ray-auth") / "token"
     token_file.write_text(secrets.token_hex(16))
@@ -204,7 +205,7 @@ def ray_head(s3_server, tmp_path_factory):
     # a preemption watcher actor, since one local node is never preempted
     env = {**os.environ, **s3_server.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
            "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_metrics_report_interval_ms": str(REPORT_INTERVAL_S * 1000),
            "PATH": f"{venv_bin}:{os.environ['PATH']}"}  # fmt: skip
     dashboard, client, gcs, metrics = free_ports(4)
     started = subprocess.run([os.path.join(venv_bin, "ray"), "start", "--head", "--node-ip-address=127.0.0.1",

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 
 import httpx
+
+# How often the test head's processes report to its metrics agent (Ray's default: 10 s). The agent
+# keeps a gauge for two intervals after its last report, so a finished job driver's gauges are
+# readable for 10 s, and Serve's status gauges (set every 10 s when unchanged) may blink out.
+REPORT_INTERVAL_S = 5
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -24,12 +30,27 @@ def scrape(url: str) -> dict[str, float]:
 OWN_LABELS = {"route", "status", "reason", "outcome", "le", "job", "state", "backend", "operation"}
 
 
-def settled(url: str) -> dict[str, float]:
-    """A scrape after which nothing reported earlier is still on its way (workers report every 10 s)."""
+def until(url: str, done: Callable[[dict[str, float]], bool], timeout: float = 90) -> dict[str, float]:
+    """Scrapes every second until ``done`` holds for a scrape (returned), or returns the last one at
+    the deadline, for the caller's assertion to show what was there."""
+    deadline = time.monotonic() + timeout
+    while not done(values := scrape(url)) and time.monotonic() < deadline:
+        time.sleep(1)
+    return values
+
+
+def settled(url: str, *prefixes: str) -> dict[str, float]:
+    """A scrape after which nothing reported earlier is still on its way: two in a row, a report
+    interval and a second apart, that agree on the series whose keys start with one of ``prefixes``
+    (all of oneword's when none are given; a replica's own background reads need not stop)."""
+
+    def watched(values: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in values.items() if not prefixes or k.startswith(prefixes)}
+
     last = scrape(url)
     while True:
-        time.sleep(11)
+        time.sleep(REPORT_INTERVAL_S + 1)
         now = scrape(url)
-        if now == last:
+        if watched(now) == watched(last):
             return now
         last = now

@@ -29,7 +29,7 @@ from pipeline.store.job_records import progress_key, read_json
 from pipeline.store.registry import Registry
 from pipeline.store.storage import StorageUnavailableError, wait_out_outage
 
-from .prometheus import settled
+from .prometheus import until
 
 DEFAULTS = {"batch_size": 2, "log_interval": 5, "learning_rate": 5e-3, "seed": 3}
 
@@ -135,14 +135,17 @@ def test_job_via_jobs_api_publishes_reports_failures_and_is_idempotent(
     result = oneword("submit", str(manifest), "--address", ray_head.jobs_api, "--watch", env=env)
     assert result.returncode == 1, result.stderr  # one concept failed
     # what the job did, as Ray's metrics agent exports it (labelled by job id, never by concept)
-    exported = settled(ray_head.metrics)
-    assert {state: exported[f"ray_oneword_job_concepts{{job=api-job,state={state}}}"]
-            for state in ("pending", "running", "published", "skipped", "failed")} == {
-        "pending": 0, "running": 0, "published": 2, "skipped": 0, "failed": 1}  # fmt: skip
-    assert exported["ray_oneword_train_steps_total{job=api-job}"] == 2 * 20
-    assert exported["ray_oneword_train_loss_count{job=api-job}"] == 2 * 20 / DEFAULTS["log_interval"]
-    assert exported["ray_oneword_checkpoint_seconds_count{job=api-job}"] == 2 * 20 / 10  # checkpoint_interval 10
-    assert exported["ray_oneword_publish_seconds_count{job=api-job}"] == 2
+    # (the driver's gauges are readable for two report intervals after it ends: read them at once)
+    expected = {
+        f"ray_oneword_job_concepts{{job=api-job,state={state}}}": number
+        for state, number in {"pending": 0, "running": 0, "published": 2, "skipped": 0, "failed": 1}.items()
+    }
+    expected |= {"ray_oneword_train_steps_total{job=api-job}": 2 * 20,
+                 "ray_oneword_train_loss_count{job=api-job}": 2 * 20 / DEFAULTS["log_interval"],
+                 "ray_oneword_checkpoint_seconds_count{job=api-job}": 2 * 20 / 10,  # checkpoint_interval 10
+                 "ray_oneword_publish_seconds_count{job=api-job}": 2}  # fmt: skip
+    exported = until(ray_head.metrics, lambda now: all(now.get(k) == v for k, v in expected.items()))
+    assert {key: exported.get(key) for key in expected} == expected
     assert exported["ray_oneword_registry_operation_seconds_count{backend=s3,operation=publish}"] >= 2
     status = status_of(manifest, env)
     assert status["state"] == "failed"

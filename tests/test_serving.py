@@ -28,7 +28,7 @@ from pipeline.engine.model import load_base_model
 from pipeline.store.registry import Registry
 
 from .conftest import DIM
-from .prometheus import scrape, settled
+from .prometheus import settled, until
 
 API_KEY = "test-key-0123456789"
 STEPS = 2
@@ -417,7 +417,8 @@ def test_health_and_concept_reads_do_not_wait_behind_generations(service):
 
     with ThreadPoolExecutor(48) as pool:
         futures = [pool.submit(post, base, "/v1/generate", {**body, "seed": i}) for i in range(40)]
-        for _ in range(200):  # until the generations have reached a replica
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until the generations have reached a replica
             first = httpx.get(f"{base}/readyz", timeout=60)
             if full(first):
                 break
@@ -586,7 +587,9 @@ def test_metrics_move_by_what_the_service_did(service, ray_head):
     requests moves them by exactly that much (counters summed over both replicas)."""
     base, registry = service
     publish(registry, "metered", 21)
-    before = settled(ray_head.metrics)
+    families = ("ray_oneword_http_request", "ray_oneword_images", "ray_oneword_auth", "ray_oneword_requests_refused",
+                "ray_oneword_concept_resolutions", "ray_oneword_batch_images")  # fmt: skip
+    before = settled(ray_head.metrics, *families)
     ok = {"prompt": "a photo of <metered>", "width": 16, "height": 16, "steps": 1}
     for i in range(3):
         assert post(base, "/v1/generate", {**ok, "n": 2, "seed": i}).status_code == 200
@@ -608,12 +611,7 @@ def test_metrics_move_by_what_the_service_did(service, ray_head):
         "ray_oneword_concept_resolutions_total{outcome=not_found}": 1,
         "ray_oneword_http_request_seconds_count{route=/v1/generate}": 6,
     }
-    deadline = time.monotonic() + 90  # workers report to the agent every few seconds
-    while True:
-        after = scrape(ray_head.metrics)
-        if all(moved(key) >= value for key, value in expected.items()) or time.monotonic() > deadline:
-            break
-        time.sleep(2)
+    after = until(ray_head.metrics, lambda now: all(now.get(k, 0) - before.get(k, 0) >= v for k, v in expected.items()))
     assert {key: moved(key) for key in expected} == expected, sorted(after)[:40]
     resolved = sum(moved(f"ray_oneword_concept_resolutions_total{{outcome={o}}}") for o in ("memory", "registry"))
     assert resolved == 3  # each of the three good requests resolved <metered>, from the registry or memory
@@ -635,10 +633,15 @@ def test_dashboard_queries_name_metrics_that_exist(service, ray_head):
 
     board = json.loads((Path(__file__).parents[1] / "deploy/helm/oneword/dashboards/oneword.json").read_text())
     ours = {metric.exported_name for metric in DECLARED}
-    exported = {line.split("{")[0].split(" ")[0] for line in httpx.get(ray_head.metrics, timeout=30).text.splitlines()
-                if line and not line.startswith("#")}  # fmt: skip
     queried = {name for panel in board["panels"] for target in panel["targets"]
                for name in re.findall(r"\bray_[a-z_]+", target["expr"])}  # fmt: skip
+    exported: set[str] = set()  # over a few scrapes: a gauge not re-reported in time is briefly absent
+    for _ in range(30):
+        lines = httpx.get(ray_head.metrics, timeout=30).text.splitlines()
+        exported |= {line.split("{")[0].split(" ")[0] for line in lines if line and not line.startswith("#")}
+        if all(name in exported for name in queried if not name.startswith("ray_oneword_")):
+            break
+        time.sleep(1)
     assert any(n.startswith("ray_oneword_") for n in queried) and any(n.startswith("ray_serve_") for n in queried)
     for name in queried:
         if name.startswith("ray_oneword_"):
