@@ -290,32 +290,30 @@ def test_job_without_address_runs_in_this_process_with_folders(ray_head, tiny_mo
     assert status["state"] == "succeeded" and status["submission_id"].startswith("local-local-job-")
 
 
-def test_job_via_ray_client(ray_head, s3_bucket, tiny_model_dir, star_dir, tmp_path):
-    concepts = [{"name": "via-client", "images": str(star_dir), "init_word": "shape"}]
-    manifest = write_manifest(tmp_path / "jobs.yaml", "client-job", s3_bucket, tiny_model_dir, concepts, previews=False)
-    result = oneword("submit", str(manifest), "--address", ray_head.client, "--watch", env=ray_head.env)
-    assert result.returncode == 0, result.stderr
-    os.environ.update({k: v for k, v in ray_head.env.items() if k.startswith("ONEWORD_S3_")})
-    manifest_entry, learned = Registry.open(f"s3://{s3_bucket}/registry").get("via-client")
-    assert manifest_entry.job_id == "client-job" and manifest_entry.preview_sha256 is None  # previews: false
-    assert torch.equal(learned.vectors, reference_vectors(tiny_model_dir, star_dir, 20))
-
-
-def test_s3_outage_during_training_is_waited_out(ray_head, s3_server, s3_bucket, tiny_model_dir, star_dir, tmp_path):
+def test_job_via_ray_client_and_its_watcher_wait_out_an_s3_outage(ray_head, s3_server, s3_bucket, tiny_model_dir,
+                                                                   star_dir, tmp_path):  # fmt: skip
+    """A Ray Client submission (its driver runs in the cluster) watched from this machine, while the
+    object store disappears mid-training for longer than the S3 client's retries: the job and the
+    watcher wait it out, and the concept is what an uninterrupted run learns."""
     steps = 80
     concepts = [{"name": "patient", "images": str(star_dir), "init_word": "shape"}]
-    manifest = write_manifest(tmp_path / "jobs.yaml", "outage", s3_bucket, tiny_model_dir, concepts,
-                              defaults={**DEFAULTS, "steps": steps}, max_failures=5)  # fmt: skip
-    env = ray_head.env
-    assert oneword("submit", str(manifest), "--address", ray_head.jobs_api, env=env).returncode == 0
-    os.environ.update({k: v for k, v in env.items() if k.startswith("ONEWORD_S3_")})
-    wait_for_step(manifest, "patient", 15)
-    s3_server.stop_gateway()  # the S3 server disappears mid-training, for longer than the client's retries
-    time.sleep(20)
-    s3_server.start_gateway()
-    final = wait_for_end(manifest, env)
-    assert final["state"] == "succeeded", final
-    _, learned = Registry.open(f"s3://{s3_bucket}/registry").get("patient")
+    manifest = write_manifest(tmp_path / "jobs.yaml", "client-job", s3_bucket, tiny_model_dir, concepts,
+                              defaults={**DEFAULTS, "steps": steps}, max_failures=5, previews=False)  # fmt: skip
+    command = [sys.executable, "-m", "pipeline.cli", "submit", str(manifest), "--address", ray_head.client, "--watch"]
+    log = tmp_path / "watch.log"  # a file, not a pipe nobody reads until the end
+    with log.open("w") as out, subprocess.Popen(command, env=ray_head.env, stdout=out, stderr=out) as watch:
+        os.environ.update({k: v for k, v in ray_head.env.items() if k.startswith("ONEWORD_S3_")})
+        wait_for_step(manifest, "patient", 15)
+        s3_server.stop_gateway()
+        time.sleep(20)
+        s3_server.start_gateway()
+        watch.wait(timeout=600)
+    stderr = log.read_text()
+    assert watch.returncode == 0, stderr
+    assert "trying again" in stderr  # the watcher said it was waiting
+    assert status_of(manifest, ray_head.env)["state"] == "succeeded"
+    manifest_entry, learned = Registry.open(f"s3://{s3_bucket}/registry").get("patient")
+    assert manifest_entry.job_id == "client-job" and manifest_entry.preview_sha256 is None  # previews: false
     assert torch.equal(learned.vectors, reference_vectors(tiny_model_dir, star_dir, steps))
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from pipeline.errors import InputError, OnewordError
 from pipeline.jobs.job_files import job_storage
 from pipeline.jobs.spec import JobSpec
 from pipeline.store.job_records import progress_key, read_job_status, read_json, status_key
+from pipeline.store.storage import wait_out_outage
 
 if TYPE_CHECKING:
     from pipeline.jobs.ray_train import JobSummary
@@ -268,16 +270,21 @@ def _driver_ended(address: str | None, submission_id: str | None) -> str | None:
 def watch(spec: JobSpec, interval: float = 2.0, address: str | None = None, submission_id: str | None = None
           ) -> dict[str, Any]:  # fmt: skip
     """Live progress bars, one per concept, until the job reaches a terminal state (or, for a
-    Jobs API submission, until its driver ends without having finished the job)."""
+    Jobs API submission, until its driver ends without having finished the job). An unreachable
+    object store is waited out as the job itself waits it out (the manifest's storage_patience)."""
     from tqdm import tqdm
+
+    def read() -> dict[str, Any]:
+        return wait_out_outage(lambda: read_status(spec), spec.storage_patience,
+                               on_wait=lambda line: tqdm.write(f"oneword: {line}", file=sys.stderr))  # fmt: skip
 
     bars: dict[str, tqdm] = {}
     while True:
-        status = read_status(spec)
+        status = read()
         if status["state"] not in TERMINAL and submission_id and status.get("submission_id") in (None, submission_id):
             ended = _driver_ended(address, submission_id)
             if ended is not None:
-                status = read_status(spec)  # the driver may have finished between the two reads
+                status = read()  # the driver may have finished between the two reads
                 if status["state"] not in TERMINAL:
                     status["state"], status["error"] = "failed", ended
                     for bar in bars.values():
