@@ -39,13 +39,19 @@ def until(url: str, done: Callable[[dict[str, float]], bool], timeout: float = 9
     return values
 
 
-def settled(url: str, *prefixes: str) -> dict[str, float]:
+def names(url: str) -> set[str]:
+    """Every metric name on the endpoint (Ray's and Serve's too), without labels."""
+    lines = httpx.get(url, timeout=30).text.splitlines()
+    return {line.split("{")[0].split(" ")[0] for line in lines if line and not line.startswith("#")}
+
+
+def settled(url: str, families: tuple[str, ...]) -> dict[str, float]:
     """A scrape after which nothing reported earlier is still on its way: two in a row, a report
-    interval and a second apart, that agree on the series whose keys start with one of ``prefixes``
-    (all of oneword's when none are given; a replica's own background reads need not stop)."""
+    interval and a second apart, that agree on the series of ``families`` (key prefixes; a
+    replica's own background reads, which other families count, need not stop)."""
 
     def watched(values: dict[str, float]) -> dict[str, float]:
-        return {k: v for k, v in values.items() if not prefixes or k.startswith(prefixes)}
+        return {k: v for k, v in values.items() if k.startswith(families)}
 
     last = scrape(url)
     while True:

@@ -28,7 +28,7 @@ from pipeline.engine.model import load_base_model
 from pipeline.store.registry import Registry
 
 from .conftest import DIM
-from .prometheus import settled, until
+from .prometheus import names, settled, until
 
 API_KEY = "test-key-0123456789"
 STEPS = 2
@@ -589,7 +589,7 @@ def test_metrics_move_by_what_the_service_did(service, ray_head):
     publish(registry, "metered", 21)
     families = ("ray_oneword_http_request", "ray_oneword_images", "ray_oneword_auth", "ray_oneword_requests_refused",
                 "ray_oneword_concept_resolutions", "ray_oneword_batch_images")  # fmt: skip
-    before = settled(ray_head.metrics, *families)
+    before = settled(ray_head.metrics, families)
     ok = {"prompt": "a photo of <metered>", "width": 16, "height": 16, "steps": 1}
     for i in range(3):
         assert post(base, "/v1/generate", {**ok, "n": 2, "seed": i}).status_code == 200
@@ -597,8 +597,8 @@ def test_metrics_move_by_what_the_service_did(service, ray_head):
     assert post(base, "/v1/generate", {**ok, "width": 64, "height": 64, "steps": 20, "n": 8}).status_code == 422
     assert post(base, "/v1/generate", {**ok, "prompt": "<no-such-concept>"}).status_code == 404
 
-    def moved(key: str) -> float:
-        return after.get(key, 0.0) - before.get(key, 0.0)
+    def moved(key: str, now: dict[str, float]) -> float:
+        return now.get(key, 0.0) - before.get(key, 0.0)
 
     expected = {
         "ray_oneword_http_requests_total{route=/v1/generate,status=200}": 3,
@@ -611,13 +611,14 @@ def test_metrics_move_by_what_the_service_did(service, ray_head):
         "ray_oneword_concept_resolutions_total{outcome=not_found}": 1,
         "ray_oneword_http_request_seconds_count{route=/v1/generate}": 6,
     }
-    after = until(ray_head.metrics, lambda now: all(now.get(k, 0) - before.get(k, 0) >= v for k, v in expected.items()))
-    assert {key: moved(key) for key in expected} == expected, sorted(after)[:40]
-    resolved = sum(moved(f"ray_oneword_concept_resolutions_total{{outcome={o}}}") for o in ("memory", "registry"))
+    after = until(ray_head.metrics, lambda now: all(moved(k, now) >= v for k, v in expected.items()))
+    assert {key: moved(key, after) for key in expected} == expected, sorted(after)[:40]
+    resolutions = "ray_oneword_concept_resolutions_total{{outcome={}}}"
+    resolved = sum(moved(resolutions.format(outcome), after) for outcome in ("memory", "registry"))
     assert resolved == 3  # each of the three good requests resolved <metered>, from the registry or memory
     # three pipeline calls of two images each (Ray's exported histogram sums are approximate: buckets only)
-    buckets = {float(k.split("le=")[1].rstrip("}")): moved(k) for k in after if "batch_images_bucket" in k}
-    assert moved("ray_oneword_batch_images_count{}") == 3 and (buckets[1.0], buckets[2.0]) == (0, 3)
+    buckets = {float(k.split("le=")[1].rstrip("}")): moved(k, after) for k in after if "batch_images_bucket" in k}
+    assert moved("ray_oneword_batch_images_count{}", after) == 3 and (buckets[1.0], buckets[2.0]) == (0, 3)
 
 
 def test_dashboard_queries_name_metrics_that_exist(service, ray_head):
@@ -637,8 +638,7 @@ def test_dashboard_queries_name_metrics_that_exist(service, ray_head):
                for name in re.findall(r"\bray_[a-z_]+", target["expr"])}  # fmt: skip
     exported: set[str] = set()  # over a few scrapes: a gauge not re-reported in time is briefly absent
     for _ in range(30):
-        lines = httpx.get(ray_head.metrics, timeout=30).text.splitlines()
-        exported |= {line.split("{")[0].split(" ")[0] for line in lines if line and not line.startswith("#")}
+        exported |= names(ray_head.metrics)
         if all(name in exported for name in queried if not name.startswith("ray_oneword_")):
             break
         time.sleep(1)
