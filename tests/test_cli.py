@@ -32,7 +32,7 @@ def test_train_writes_the_concept_logs_and_samples(tiny_model_dir, star_dir, tmp
              "--known-attribute", "yellow", "--known-attribute-share", "0.3",
              "--known-attribute-pull", "0.5", "--edit-word", "green", "--edit-word", "light blue",
              "--edit-consistency", "0.2", "--edit-reference-word", "circle",
-             "--edit-reference-word", "ring"]  # fmt: skip
+             "--edit-reference-word", "ring", "--selection-interval", "4", "--selection-samples", "2"]  # fmt: skip
     assert _train(tiny_model_dir, star_dir, out, *extra) == 0
     tensors = load_file(str(out / "learned_embeds.safetensors"))
     assert list(tensors) == ["<star>"] and tensors["<star>"].shape == (2, DIM)
@@ -45,6 +45,7 @@ def test_train_writes_the_concept_logs_and_samples(tiny_model_dir, star_dir, tmp
     assert known == [["yellow"], 0.3, 0.5]
     edit = [meta["config"][k] for k in ("edit_words", "edit_consistency", "edit_reference_words")]
     assert edit == [["green", "light blue"], 0.2, ["circle", "ring"]]
+    assert meta["selected"]["step"] in (4, 6) and meta["config"]["selection_interval"] == 4  # scored at 4 and 6
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000003.png", "step-000006.png"]
     assert Image.open(out / "samples.png").size == (64, 64)  # one validation prompt -> 1x1 grid
     assert torch.equal(load_concept_file(out / "star.a1111.pt").vectors, tensors["<star>"])

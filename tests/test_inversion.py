@@ -9,6 +9,7 @@ from pipeline.engine import losses
 from pipeline.engine.data import templates_for
 from pipeline.engine.inversion import Inversion
 from pipeline.engine.model import load_base_model
+from pipeline.engine.selection import SELECTION_SEED, score_and_keep
 from pipeline.errors import InputError
 
 from .conftest import DIM, roundtrip, small_config
@@ -83,6 +84,7 @@ def test_vae_runs_only_at_setup(model, star_images):
         {"regularization_weight": 0.1, "known_attributes": ["bright yellow"], "known_attribute_pull": 10.0},
         {"per_image_tokens": True, "edit_words": ["green", "light blue"], "edit_consistency": 1.0},
         {"edit_words": ["green"], "edit_reference_words": ["circle", "ring"], "edit_consistency": 1.0},
+        {"average_decay": 0.8, "selection_interval": 3, "selection_samples": 2},
     ],
     ids=[
         "plain",
@@ -93,6 +95,7 @@ def test_vae_runs_only_at_setup(model, star_images):
         "attribute-pull",
         "per-image+edit-consistency",
         "edit-consistency+reference-words",
+        "averaged+selection",
     ],
 )
 def test_resume_is_bit_identical(model, star_images, variant):
@@ -158,6 +161,33 @@ def test_averaging_saves_the_moving_average_of_the_iterates(model, star_images):
     assert torch.allclose(learned, torch.stack(expected), atol=1e-6)
     assert not torch.allclose(learned, torch.stack(engine.vectors).detach(), atol=1e-4)  # not the last iterate
     assert torch.equal(Inversion.learned_vectors_of(engine.state_dict()), learned)  # what a checkpoint publishes
+
+
+def test_selection_saves_the_lowest_scoring_point_and_leaves_the_path_alone(model, star_images):
+    config = small_config(steps=7, average_decay=0.5)
+    plain = Inversion(model, star_images, config, "s")
+    selecting = Inversion(model, star_images, small_config(steps=7, average_decay=0.5, selection_interval=3), "s")
+    for _ in range(7):
+        plain.step(), selecting.step()
+    assert torch.equal(selecting.current_vectors(), plain.current_vectors())  # the same trajectory
+    assert selecting.selected.step in (3, 6, 7)  # scored every interval and at the last step
+    assert torch.equal(selecting.learned_vectors(), selecting.selected.vectors)
+    assert torch.equal(Inversion.learned_vectors_of(selecting.state_dict()), selecting.learned_vectors())
+    # the rule, on points placed by hand: the lowest loss on the one fixed batch is kept, wherever it comes
+    engine = Inversion(model, star_images, small_config(steps=40, selection_interval=10, selection_samples=4), "s")
+    batch = engine.evaluation_batch(engine.config.seed + SELECTION_SEED, 4)
+    points = [model.text_embeddings(word).float() for word in ("shape", "star", "circle", "ring")]
+    losses = [engine.evaluate(batch, point) for point in points]
+    best = min(range(4), key=losses.__getitem__)
+    order = [i for i in range(4) if i != best]
+    order.insert(1, best)  # the best second of four: neither the first scored nor the last
+    for step, i in enumerate(order, start=1):
+        with torch.no_grad():
+            engine.vectors[0].copy_(points[i][0])
+        engine.step_count = 10 * step
+        score_and_keep(engine)
+    assert (engine.selected.step, engine.selected.loss) == (20, losses[best])
+    assert torch.equal(engine.learned_vectors(), points[best])
 
 
 def test_regularisation_keeps_vectors_near_the_initialiser(model, star_images):

@@ -31,7 +31,7 @@ def shape_images(tmp_path_factory) -> dict[str, torch.Tensor]:
 
 def mixed_requests(images: dict[str, torch.Tensor], steps: int = 6) -> list[Request]:
     """Four concepts with different settings: two vectors, edit consistency (with references),
-    per-image tokens and gradient accumulation, another seed, learning rate and batch size."""
+    per-image tokens and gradient accumulation, another seed, learning rate, batch size and selection."""
     configs = {
         "star": small_config(steps=steps, num_vectors=2),
         "cross": small_config(
@@ -43,7 +43,7 @@ def mixed_requests(images: dict[str, torch.Tensor], steps: int = 6) -> list[Requ
             average_decay=0.9,
         ),
         "ring": small_config(steps=steps, per_image_tokens=True, grad_accum=2, seed=11),
-        "arrow": small_config(steps=steps, learning_rate=2e-2, batch_size=3, seed=5),
+        "arrow": small_config(steps=steps, learning_rate=2e-2, batch_size=3, seed=5, selection_interval=2),
     }
     return [Request(name, config, lambda name=name: images[name]) for name, config in configs.items()]
 

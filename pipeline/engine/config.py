@@ -81,6 +81,16 @@ class InversionConfig(BaseModel):
         description="keep an exponential moving average of the vectors with this decay (e.g. 0.95) and "
         "save it instead of the last iterate; 0: off",
     )
+    selection_interval: int = Field(
+        0,
+        ge=0,
+        description="every this many steps, and at the last, score the vectors that would be saved by the "
+        "diffusion loss on one fixed batch of the concept's own images, and save the lowest-scoring instead of "
+        "the last (pipeline/engine/selection.py); 0: off",
+    )
+    selection_samples: int = Field(
+        64, ge=1, le=1024, description="(noise, timestep) draws per image in selection_interval's fixed batch"
+    )
     per_image_tokens: bool = Field(False, description="learn an extra token per training image as well")
     per_image_mix_prob: float = Field(
         0.25, ge=0.0, le=1.0, description="probability that a caption also names the image's own token"

@@ -38,6 +38,7 @@ from pipeline.engine.data import templates_for, with_image_token
 from pipeline.engine.init_words import search_init_word, with_chosen_word
 from pipeline.engine.losses import attribute_basis, edit_consistency_from, extra_loss, plan_edit
 from pipeline.engine.model import BaseModel
+from pipeline.engine.selection import Selected, score_and_keep
 from pipeline.errors import InputError
 
 STATE_FORMAT = 1
@@ -120,6 +121,9 @@ class Inversion:
         )
         self.step_count = 0
         self.last_loss = float("nan")
+        # selection_interval: the best-scoring point so far, and the fixed batch it is scored on
+        self.selected: Selected | None = None
+        self.selection_batch: Batch | None = None
         self._order = torch.empty(0, dtype=torch.long)  # current epoch's image order
         self._cursor = 0
 
@@ -228,10 +232,15 @@ class Inversion:
 
     # --- results and evaluation -------------------------------------------------------------------
 
-    def learned_vectors(self) -> torch.Tensor:
-        """The pseudo-word's vectors, ``[n, dim]`` float32 on CPU (per-image tokens excluded): their
+    def current_vectors(self) -> torch.Tensor:
+        """The vectors as they stand, ``[n, dim]`` float32 on CPU (per-image tokens excluded): their
         moving average when ``average_decay`` is on, else the last iterate."""
         return torch.stack(self.averages or self.vectors).detach().float().cpu()
+
+    def learned_vectors(self) -> torch.Tensor:
+        """What the run saves, ``[n, dim]``: the best-scoring point so far when ``selection_interval``
+        is on (``pipeline.engine.selection``), else ``current_vectors()``."""
+        return self.selected.vectors.clone() if self.selected else self.current_vectors()
 
     def evaluation_batch(self, seed: int, repeats: int = 4, template: str = "a photo of a {}") -> Batch:
         """Fixed (noise, timestep) pairs over every image: the same batch for any vectors."""
@@ -271,6 +280,7 @@ class Inversion:
             "vectors": [v.detach().cpu().clone() for v in self.vectors],
             "averages": [v.detach().cpu().clone() for v in self.averages],
             "image_vectors": [v.detach().cpu().clone() for v in self.image_vectors],
+            "selected": self.selected.state() if self.selected else None,
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),  # a snapshot, not the live moments
             "rng": self.generator.get_state(),
             "order": self._order.clone(),
@@ -280,6 +290,8 @@ class Inversion:
     @staticmethod
     def learned_vectors_of(state: dict[str, Any]) -> torch.Tensor:
         """``learned_vectors()`` of a saved ``state_dict()``, without a model."""
+        if state.get("selected"):
+            return state["selected"]["vectors"].float().clone()
         return torch.stack(state.get("averages") or state["vectors"]).float()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -313,6 +325,7 @@ class Inversion:
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.step_count = int(state["step"])
         self.last_loss = float(state["last_loss"])
+        self.selected = Selected.from_state(state.get("selected"))
         self.generator.set_state(state["rng"])
         self._order, self._cursor = state["order"].clone(), int(state["cursor"])
 
@@ -407,4 +420,5 @@ def packed_step(engines: Sequence[Inversion]) -> list[float]:
             for average, vector in zip(engine.averages, engine.vectors, strict=False):
                 average.lerp_(vector, 1.0 - engine.config.average_decay)
         engine.step_count += 1
+        score_and_keep(engine)
     return totals

@@ -197,7 +197,7 @@ def train_concept(
             if due.checkpoint:
                 save_checkpoint(engine, checkpoint_path)
             if generator and due.validation:
-                grid = render_grid(generator, prompts, engine.learned_vectors(), name, config.validation_steps)
+                grid = render_grid(generator, prompts, engine.current_vectors(), name, config.validation_steps)
                 (out_dir / "validation").mkdir(exist_ok=True)
                 grid.save(out_dir / "validation" / f"step-{step:06d}.png")
             if on_step:
@@ -216,7 +216,8 @@ def train_concept(
         config=engine.config.model_dump(mode="json"),
         source="oneword-train",
         extra={"base_model_source": model.source, "init_word": engine.config.init_word}
-        | ({"init_word_search": engine.init_search.as_dict()} if engine.init_search else {}),
+        | ({"init_word_search": engine.init_search.as_dict()} if engine.init_search else {})
+        | ({"selected": engine.selected.as_dict()} if engine.selected else {}),
     )
     save_concept(concept, out_dir)
     images = render_images(generator or ImageGenerator(model), prompts, concept.vectors, name, config.validation_steps)

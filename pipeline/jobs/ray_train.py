@@ -497,6 +497,7 @@ def pack_loop(config: dict[str, Any]) -> None:
             steps=engine.step_count,
             final_loss=engine.last_loss,
             config={**engine.config.model_dump(mode="json"), "images": images_of[engine.name]},
+            extra={"selected": engine.selected.as_dict()} if engine.selected else {},
         )
         if patiently(lambda: superseded(spec, token)):
             log(spec, "not published: a newer run of this job took over", engine.name)
