@@ -113,6 +113,9 @@ def variants(steps: int, base: dict) -> dict[str, dict]:
     return {
         "recipe shapesworld": recipe_variant("shapesworld"),
         # the recipe as it was before it chose the init word from the images: the class word itself
+        # the recipe saving the lowest-loss point of its run, scored every 25 steps (pipeline/engine/selection.py);
+        # the same run's last point is recorded beside it as "... (last step)"
+        "recipe shapesworld + selection": {**recipe_variant("shapesworld"), "selection_interval": 25},
         "recipe shapesworld without init word search": {**recipe_variant("shapesworld"), "init_word_search": False},
         # the search among the class's members only, as before it also scored words proposed from the
         # whole vocabulary by the loss's gradient
@@ -345,6 +348,16 @@ def main() -> None:
                 vectors = engine.learned_vectors()
                 scores = score_subject(generator, oracle, f"<{name}>", shape, colour, {name: vectors},
                                        samples=args.samples, seed=sampling_seed(seed))  # fmt: skip
+                if engine.selected:  # the same run without selection: its last point
+                    last = score_subject(generator, oracle, f"<{name}>", shape, colour,
+                                         {name: engine.current_vectors()}, samples=args.samples,
+                                         seed=sampling_seed(seed))  # fmt: skip
+                    records.append({"concept": name, "variant": f"{label} (last step)", "seed": seed,
+                                    "init_word": engine.config.init_word, "composition": None,
+                                    **last.as_dict()})  # fmt: skip
+                    print(f"[{time.time() - started:6.0f}s] {name} seed {seed} last step: "
+                          f"recon {last.reconstruction:.2f} edit {last.editability:.2f}; "
+                          f"selected step {engine.selected.step}", flush=True)  # fmt: skip
                 norm = vectors.norm(dim=-1).mean().item() / engine.init_rows.norm(dim=-1).mean().item()
                 composed = None
                 if args.composition:
@@ -360,7 +373,8 @@ def main() -> None:
                       + (f" composed {composed:.2f}" if composed is not None else ""), flush=True)  # fmt: skip
                 record = {"config": base, "world": args.world, "packed": args.packed, "records": records}
                 results.write_text(json.dumps(record, indent=2) + "\n")
-    summarize(records, list(chosen), [c[0] for c in concepts], args.out)
+    trained = [v for v in dict.fromkeys(r["variant"] for r in records) if v not in ("init word", "true word")]
+    summarize(records, trained, [c[0] for c in concepts], args.out)
     print(f"\nwrote {args.out}/results.json, table.md, scatter.png in {time.time() - started:.0f}s")
 
 
