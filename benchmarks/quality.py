@@ -112,10 +112,10 @@ def recipe_variant(name: str, class_word: str = "shape") -> dict:
 def variants(steps: int, base: dict) -> dict[str, dict]:
     return {
         "recipe shapesworld": recipe_variant("shapesworld"),
-        # the recipe as it was before it chose the init word from the images: the class word itself
         # the recipe saving the lowest-loss point of its run, scored every 25 steps (pipeline/engine/selection.py);
         # the same run's last point is recorded beside it as "... (last step)"
         "recipe shapesworld + selection": {**recipe_variant("shapesworld"), "selection_interval": 25},
+        # the recipe as it was before it chose the init word from the images: the class word itself
         "recipe shapesworld without init word search": {**recipe_variant("shapesworld"), "init_word_search": False},
         # the search among the class's members only, as before it also scored words proposed from the
         # whole vocabulary by the loss's gradient

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from pipeline.engine.inversion import Inversion
 
 SELECTION_SEED = 104_729  # the fixed batch's seed, from the run's: apart from the init word search's
-PROMPT = "a photo of a {}"
 
 
 @dataclass
@@ -66,7 +65,7 @@ def score_and_keep(engine: Inversion) -> None:
         return
     config = engine.config
     if engine.selection_batch is None:  # made once per run (and again after a resume: the same draws)
-        engine.selection_batch = engine.evaluation_batch(config.seed + SELECTION_SEED, config.selection_samples, PROMPT)
+        engine.selection_batch = engine.evaluation_batch(config.seed + SELECTION_SEED, config.selection_samples)
     vectors = engine.current_vectors()
     loss = engine.evaluate(engine.selection_batch, vectors)
     if engine.selected is None or loss < engine.selected.loss:
