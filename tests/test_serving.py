@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -403,35 +404,49 @@ def test_generation_slots_run_some_queue_some_and_refuse_the_rest():
 
 
 def test_health_and_concept_reads_do_not_wait_behind_generations(service):
-    """With the generation slots of both replicas taken and their queues filling (40 of 2 x (8 + 16)),
-    health, readiness and the concept API still answer: light requests never take a generation slot
-    (serving/generation_slots.py). /readyz says what the answering replica was doing at that moment."""
+    """With the generation slots of both replicas taken and their queues filling (40 callers against
+    2 x (8 + 16) places), health, readiness and the concept API still answer: light requests never
+    take a generation slot (serving/generation_slots.py). /readyz says what the answering replica was
+    doing at that moment."""
     base, registry = service
     publish(registry, "busy", 14)
     body = {"prompt": "a photo of <busy>", "width": 64, "height": 64, "steps": 10, "n": 8}
     headers = {"Authorization": f"Bearer {API_KEY}"}
+    stop = threading.Event()
+
+    def keep_generating(caller: int) -> list[httpx.Response]:
+        """One caller that sends its next generation as soon as the last is answered: the load holds
+        until the checks below are done, however fast one burst would have drained."""
+        answers = []
+        while not stop.is_set():
+            answers.append(post(base, "/v1/generate", {**body, "seed": caller}))
+        return answers
 
     def full(readyz: httpx.Response) -> bool:  # all 8 slots running and more waiting on that replica
         generations = readyz.json()["generations"]
         return generations["running"] == 8 and generations["waiting"] >= 1
 
-    with ThreadPoolExecutor(48) as pool:
-        futures = [pool.submit(post, base, "/v1/generate", {**body, "seed": i}) for i in range(40)]
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # until the generations have reached a replica
-            first = httpx.get(f"{base}/readyz", timeout=60)
-            if full(first):
+    def readyz_until_full() -> list[httpx.Response]:
+        """/readyz until a full replica answers it: Serve's router may send any one request to the
+        other replica, whose slots need not all be taken at that moment."""
+        polls, deadline = [], time.monotonic() + 120
+        while time.monotonic() < deadline:
+            polls.append(httpx.get(f"{base}/readyz", timeout=60))
+            if full(polls[-1]):
                 break
             time.sleep(0.02)
-        light = [httpx.get(f"{base}{path}", headers=headers, timeout=60)
-                 for path in ("/healthz", "/v1/concepts", "/v1/concepts/busy")]  # fmt: skip
-        # then /readyz until a full replica answers it: Serve's router may send any one request to
-        # the other replica, whose slots need not all be taken at that moment
-        for _ in range(50):
-            light.append(httpx.get(f"{base}/readyz", timeout=60))
-            if full(light[-1]):
-                break
-        answers = [f.result() for f in futures]
+        return polls
+
+    with ThreadPoolExecutor(40) as pool:
+        callers = [pool.submit(keep_generating, caller) for caller in range(40)]
+        try:
+            first = readyz_until_full()[-1]  # the generations have reached a replica
+            light = [httpx.get(f"{base}{path}", headers=headers, timeout=60)
+                     for path in ("/healthz", "/v1/concepts", "/v1/concepts/busy")]  # fmt: skip
+            light += readyz_until_full()
+        finally:
+            stop.set()
+        answers = [answer for caller in callers for answer in caller.result()]
     assert full(first), first.json()
     assert {r.status_code for r in light} == {200}, [(r.url, r.status_code) for r in light]
     assert full(light[-1]), light[-1].json()  # answered while a replica's slots were all taken and it had a queue
