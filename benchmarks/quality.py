@@ -292,6 +292,11 @@ def main() -> None:
         key, value = item.split("=", 1)
         base[key] = json.loads(value)
     chosen = variants(args.steps, base)
+    for option, asked, known in (("--variants", args.variants, list(chosen)),
+                                 ("--concepts", args.concepts, [c[0] for c in WORLDS[args.world]])):  # fmt: skip
+        unknown = [name for name in (asked or "").split(",") if name and name not in known]
+        if unknown:  # a typo would otherwise measure nothing for that name and say nothing
+            parser.error(f"{option}: unknown {', '.join(map(repr, unknown))} (world {args.world}); choose from {known}")
     if args.variants:
         chosen = {k: v for k, v in chosen.items() if k in args.variants.split(",")}
     concepts = [c for c in WORLDS[args.world] if not args.concepts or c[0] in args.concepts.split(",")]
