@@ -292,14 +292,18 @@ def main() -> None:
         key, value = item.split("=", 1)
         base[key] = json.loads(value)
     chosen = variants(args.steps, base)
-    for option, asked, known in (("--variants", args.variants, list(chosen)),
-                                 ("--concepts", args.concepts, [c[0] for c in WORLDS[args.world]])):  # fmt: skip
-        unknown = [name for name in (asked or "").split(",") if name and name not in known]
-        if unknown:  # a typo would otherwise measure nothing for that name and say nothing
-            parser.error(f"{option}: unknown {', '.join(map(repr, unknown))} (world {args.world}); choose from {known}")
-    if args.variants:
-        chosen = {k: v for k, v in chosen.items() if k in args.variants.split(",")}
-    concepts = [c for c in WORLDS[args.world] if not args.concepts or c[0] in args.concepts.split(",")]
+    concepts = {c[0]: c for c in WORLDS[args.world]}
+
+    def names(option: str, value: str | None, known: dict) -> list[str]:
+        """The names asked for (all when none), each one known: a typo would otherwise measure nothing."""
+        asked = value.split(",") if value else list(known)
+        if unknown := [name for name in asked if name not in known]:
+            parser.error(f"{option}: unknown {', '.join(map(repr, unknown))} in world {args.world}: {list(known)}")
+        return asked
+
+    asked = names("--variants", args.variants, chosen) + names("--concepts", args.concepts, concepts)
+    chosen = {name: overrides for name, overrides in chosen.items() if name in asked}  # in their own order
+    concepts = [concept for name, concept in concepts.items() if name in asked]
     if args.world in ("a", "xl"):  # the SDXL-shaped world reads its images with the first world's oracle
         model = load_base_model("shapesworld" if args.world == "a" else "shapesworld-xl", args.device)
         oracle = bundled_oracle()
