@@ -9,8 +9,10 @@ namespace, which nothing outside can reach and from which nothing outside is rea
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,15 @@ from pipeline.engine.data import load_images
 from pipeline.engine.model import TINY_TEXT_CONFIG, BaseModel, build_tiny_model, load_base_model
 from pipeline.shapesworld.world import write_concept_images
 
+
+def remove_scratch_dirs() -> None:
+    """Removes this process's registry and cache folders (made above, one pair per process)."""
+    for path in (Path(os.environ["ONEWORD_REGISTRY"]).parent, os.environ["ONEWORD_CACHE"]):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+atexit.register(remove_scratch_dirs)
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two xdist workers share the two cores with the Ray head's processes: one torch thread each
     # (their subprocesses too), so a pure-torch test never starves the Ray test beside it.
@@ -48,7 +59,7 @@ def pytest_configure(config) -> None:
     capture = config.pluginmanager.getplugin("capturemanager")
     if capture is not None:
         capture.stop_global_capturing()  # hand the real stdout/stderr to the new process
-    reexec_isolated([sys.executable, "-m", "pytest", *sys.argv[1:]])
+    reexec_isolated([sys.executable, "-m", "pytest", *sys.argv[1:]], before_exec=remove_scratch_dirs)
 
 
 SERVICE_FIXTURES = {"s3_server", "ray_head"}  # session-wide servers; every other fixture is per worker

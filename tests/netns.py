@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Callable
 
 MARKER = "ONEWORD_TEST_NETNS"
 
@@ -18,11 +19,14 @@ def isolated() -> bool:
     return os.environ.get(MARKER) == "1"
 
 
-def reexec_isolated(argv: list[str]) -> None:
+def reexec_isolated(argv: list[str], before_exec: Callable[[], None] | None = None) -> None:
     """Replaces this process with ``argv`` run inside a new loopback-only network namespace.
-    Returns without doing anything when already isolated (or where ``unshare`` is missing)."""
+    Returns without doing anything when already isolated (or where ``unshare`` is missing).
+    ``before_exec`` is this process's cleanup: exec skips ``atexit``."""
     if isolated() or sys.platform != "linux" or not shutil.which("unshare"):
         return
+    if before_exec is not None:
+        before_exec()
     os.environ[MARKER] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
