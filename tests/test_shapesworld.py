@@ -10,7 +10,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from pipeline.engine.config import make_config
 from pipeline.engine.data import load_images
 from pipeline.engine.generation import ImageGenerator
-from pipeline.engine.init_words import CHANCE_LEAD, MARGIN, SearchResult, with_chosen_word
+from pipeline.engine.init_words import CHANCE_LEAD, MARGIN, SearchResult, choose, with_chosen_word
 from pipeline.engine.inversion import Inversion
 from pipeline.engine.model import load_base_model, resolve_model_source
 from pipeline.engine.recipes import resolve_config
@@ -145,6 +145,25 @@ def test_init_word_search_finds_the_models_word_for_the_images(shapesworld, tmp_
     assert set(result.losses) == {"shape", "crescent", *result.proposed}
     assert result.chosen == "long" and result.chance["long"] >= CHANCE_LEAD and result.margin >= MARGIN
     assert (engine.config.init_word, engine.config.init_word_vocabulary) == ("long", 0)
+
+
+def test_a_proposed_word_displaces_a_listed_word_only_when_clearly_better():
+    """The first world's cross (seed 3): "cabinet", proposed from the vocabulary, scored a hair below
+    "cross" and was chosen. A listed word that passed now stays unless a proposal beats it too."""
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.rand(320, generator=generator) * 0.2  # the samples' own difficulty, the same for every word
+
+    def losses(mean: float) -> torch.Tensor:  # per-sample losses of a word: shared part plus its own noise
+        return mean + shared + torch.randn(320, generator=generator) * 0.005
+
+    scores = {"shape": losses(0.20), "cross": losses(0.17), "cabinet": losses(0.1699), "long": losses(0.10)}
+    chance = {"shape": -1.0, "cross": 3.6, "cabinet": 3.6, "long": 0.2}
+    assert scores["cabinet"].mean() < scores["cross"].mean()
+    assert choose(scores, chance, "shape", proposed=["cabinet"]) == "cross"  # not clearly better than "cross"
+    assert choose({**scores, "cabinet": losses(0.16)}, chance, "shape", proposed=["cabinet"]) == "cabinet"
+    # no listed word passes ("long" fails the chance test): a proposal needs only beat the class word
+    assert choose({k: scores[k] for k in ("shape", "long", "cabinet")}, chance, "shape", ["cabinet"]) == "cabinet"
+    assert choose({k: scores[k] for k in ("shape", "long")}, chance, "shape", []) == "shape"
 
 
 def test_a_chosen_word_of_several_tokens_gets_a_vector_per_token():
