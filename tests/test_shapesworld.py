@@ -10,7 +10,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from pipeline.engine.config import make_config
 from pipeline.engine.data import load_images
 from pipeline.engine.generation import ImageGenerator
-from pipeline.engine.init_words import CHANCE_LEAD, MARGIN, SearchResult, choose, paired_margin, with_chosen_word
+from pipeline.engine.init_words import CHANCE_LEAD, MARGIN, SearchResult, choose, with_chosen_word
 from pipeline.engine.inversion import Inversion
 from pipeline.engine.model import load_base_model, resolve_model_source
 from pipeline.engine.recipes import resolve_config
@@ -147,24 +147,22 @@ def test_init_word_search_finds_the_models_word_for_the_images(shapesworld, tmp_
     assert (engine.config.init_word, engine.config.init_word_vocabulary) == ("long", 0)
 
 
-def test_a_proposed_word_never_displaces_a_listed_word_that_passed():
-    """The first world's cross: "cabinet", proposed from the vocabulary, a token its captions never
-    use, beat "cross" on the loss and trained a word that edits worse. Proposals count only when no
-    listed word passes (the arrow, which no member names)."""
+def test_a_proposed_word_displaces_a_listed_word_only_when_clearly_better():
+    """The first world's cross (seed 3): "cabinet", proposed from the vocabulary, scored a hair below
+    "cross" and was chosen. A listed word that passed now stays unless a proposal beats it too."""
     generator = torch.Generator().manual_seed(0)
     shared = torch.rand(320, generator=generator) * 0.2  # the samples' own difficulty, the same for every word
 
     def losses(mean: float) -> torch.Tensor:  # per-sample losses of a word: shared part plus its own noise
         return mean + shared + torch.randn(320, generator=generator) * 0.005
 
-    scores = {"shape": losses(0.20), "cross": losses(0.17), "cabinet": losses(0.16), "long": losses(0.10)}
+    scores = {"shape": losses(0.20), "cross": losses(0.17), "cabinet": losses(0.1699), "long": losses(0.10)}
     chance = {"shape": -1.0, "cross": 3.6, "cabinet": 3.6, "long": 0.2}
-    assert paired_margin(scores["cabinet"], scores["cross"]) >= MARGIN  # clearly lower, and still not chosen
-    assert choose(scores, chance, "shape", proposed=["cabinet"]) == "cross"
+    assert scores["cabinet"].mean() < scores["cross"].mean()
+    assert choose(scores, chance, "shape", proposed=["cabinet"]) == "cross"  # not clearly better than "cross"
+    assert choose({**scores, "cabinet": losses(0.16)}, chance, "shape", proposed=["cabinet"]) == "cabinet"
     # no listed word passes ("long" fails the chance test): a proposal needs only beat the class word
     assert choose({k: scores[k] for k in ("shape", "long", "cabinet")}, chance, "shape", ["cabinet"]) == "cabinet"
-    assert choose({k: scores[k] for k in ("shape", "long", "cabinet")}, {**chance, "cabinet": 0.2}, "shape",
-                  ["cabinet"]) == "shape"  # fmt: skip
     assert choose({k: scores[k] for k in ("shape", "long")}, chance, "shape", []) == "shape"
 
 

@@ -163,8 +163,7 @@ class InversionConfig(BaseModel):
         le=64,
         description="init_word_search also scores this many words proposed from the tokenizer's whole "
         "vocabulary: those the loss's gradient at init_word points to most (colour words excluded), for "
-        "concepts no listed word describes (they count only when no listed candidate passes); 0: only the "
-        "listed candidates",
+        "concepts no listed word describes; 0: only the listed candidates",
     )
     seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of every random draw (images, captions, noise)")
     precision: Precision = Field("auto", description="auto: bf16 on GPUs that support it, else fp32")
