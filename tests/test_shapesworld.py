@@ -137,19 +137,24 @@ def test_init_word_search_finds_the_models_word_for_the_images(shapesworld, tmp_
     # word the captions use for arrows alone ("a red pointy long thing"), which is chosen
     arrow = load_images(write_concept_images(tmp_path / "arrow", "arrow", "red", count=5, seed=0),
                         shapesworld.resolution)  # fmt: skip
-    config = make_config({**search, "init_word_candidates": ["crescent"], "init_word_vocabulary": 3})
+    config = make_config({**search, "init_word_candidates": ["crescent"], "init_word_vocabulary": 3,
+                          "edit_words": ["green", "purple"]})  # fmt: skip
     engine = Inversion(shapesworld, arrow, config, "a")
     result = engine.init_search
     assert result.margins["crescent"] >= MARGIN and result.chance["crescent"] < CHANCE_LEAD
     assert len(result.proposed) == 3 and "long" in result.proposed and "crescent" not in result.proposed
     assert set(result.losses) == {"shape", "crescent", *result.proposed}
     assert result.chosen == "long" and result.chance["long"] >= CHANCE_LEAD and result.margin >= MARGIN
+    # "long" describes the arrow, not its colour: it also leads "shape" on prompts that name another
+    # colour, the check a proposal passes; only the finalists are scored so
+    assert result.edited["long"] < result.edited["shape"] and set(result.edited) <= {"shape", *result.proposed}
     assert (engine.config.init_word, engine.config.init_word_vocabulary) == ("long", 0)
 
 
 def test_a_proposed_word_displaces_a_listed_word_only_when_clearly_better():
-    """The first world's cross (seed 3): "cabinet", proposed from the vocabulary, scored a hair below
-    "cross" and was chosen. A listed word that passed now stays unless a proposal beats it too."""
+    """The first world's cross: "cabinet", proposed from the vocabulary, scored a hair below "cross"
+    and was chosen. A listed word that passed stays unless a proposal beats it too, on the plain
+    prompts and, given edit words, on edited ones."""
     generator = torch.Generator().manual_seed(0)
     shared = torch.rand(320, generator=generator) * 0.2  # the samples' own difficulty, the same for every word
 
@@ -164,6 +169,14 @@ def test_a_proposed_word_displaces_a_listed_word_only_when_clearly_better():
     # no listed word passes ("long" fails the chance test): a proposal needs only beat the class word
     assert choose({k: scores[k] for k in ("shape", "long", "cabinet")}, chance, "shape", ["cabinet"]) == "cabinet"
     assert choose({k: scores[k] for k in ("shape", "long")}, chance, "shape", []) == "shape"
+    # with edit words, a proposal must also not be clearly worse on prompts that name another colour:
+    # a lead that comes from describing the images' colour does not hold there (cabinet, seed 1)
+    clearly = {**scores, "cabinet": losses(0.16)}
+    edited = {"cross": losses(0.1765), "cabinet": losses(0.1845)}
+    assert choose(clearly, chance, "shape", ["cabinet"], edited.__getitem__) == "cross"
+    # within noise of it there (the first world's arrow: "long" and "crescent"), the plain lead decides
+    edited["cabinet"] = edited["cross"] + torch.randn(320, generator=generator) * 0.005 + 0.0002
+    assert choose(clearly, chance, "shape", ["cabinet"], edited.__getitem__) == "cabinet"
 
 
 def test_a_chosen_word_of_several_tokens_gets_a_vector_per_token():

@@ -114,7 +114,8 @@ class InversionConfig(BaseModel):
     edit_words: list[str] = Field(
         default_factory=list,
         description="words a prompt should still be able to apply to the word (other colours, say), e.g. "
-        "['green', 'purple']: used by edit_consistency",
+        "['green', 'purple']: used by edit_consistency, and by init_word_search to check a proposed word on "
+        "prompts that name them",
     )
     edit_reference_words: list[str] = Field(
         default_factory=list,
