@@ -20,15 +20,18 @@ def publish(registry: Registry, name: str, seed: int) -> str:
 def test_names_in_use_are_kept_fresh_without_requests_waiting(tmp_path):
     registry = Registry.open(str(tmp_path / "registry"))
     first = publish(registry, "fresh", 1)
-    cache = ConceptCache(registry, ttl=0.4, size=8)
+    # The refresher re-resolves a name half way to its TTL and wakes every quarter TTL, so a
+    # refresh lands a quarter TTL before expiry. 2 s leaves it 0.5 s for a registry read and a
+    # load on a busy CI machine (0.4 s, 0.1 s of slack, once missed there).
+    cache = ConceptCache(registry, ttl=2.0, size=8)
     assert cache.resolve("a photo of <fresh>").prompt == f"a photo of <fresh@{first}>"
     second = publish(registry, "fresh", 2)
     seen = []
-    for _ in range(30):  # 1.5 s of requests, several TTLs
+    for _ in range(45):  # 4.5 s of requests, two TTLs and more
         resolved = cache.resolve("a photo of <fresh>", cached_only=True)
         assert resolved is not None  # answered from memory every time: no request waits on the registry
         seen.append(resolved.versions["fresh"])
-        time.sleep(0.05)
+        time.sleep(0.1)
     assert seen[0] == first and seen[-1] == second and seen == sorted(seen)  # the new version arrived, once
     assert cache.lookups == 1  # only the very first request asked the registry itself
     assert cache.loads == 2  # the new version's vectors were loaded in the background
