@@ -115,7 +115,7 @@ def variants(steps: int, base: dict) -> dict[str, dict]:
         # the recipe saving the lowest-loss point of its run, scored every 25 steps (pipeline/engine/selection.py);
         # the same run's last point is recorded beside it as "... (last step)"
         "recipe shapesworld + selection": {**recipe_variant("shapesworld"), "selection_interval": 25},
-        # twice the recipe's edit consistency: measured on the second world's hourglass, not yet on both worlds
+        # twice the recipe's edit consistency: mends the second world's hourglass, costs reconstruction elsewhere
         "recipe shapesworld + edit consistency 1.2": {**recipe_variant("shapesworld"), "edit_consistency": 1.2},
         # the recipe as it was before it chose the init word from the images: the class word itself
         "recipe shapesworld without init word search": {**recipe_variant("shapesworld"), "init_word_search": False},
