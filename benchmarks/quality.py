@@ -117,11 +117,6 @@ def variants(steps: int, base: dict) -> dict[str, dict]:
         "recipe shapesworld + selection": {**recipe_variant("shapesworld"), "selection_interval": 25},
         # twice the recipe's edit consistency: mends the second world's hourglass, costs reconstruction elsewhere
         "recipe shapesworld + edit consistency 1.2": {**recipe_variant("shapesworld"), "edit_consistency": 1.2},
-        # the recipe's edit consistency counted only on the noisier half of the timesteps, at twice the weight
-        "recipe shapesworld + edit consistency on the noisier half": {
-            **recipe_variant("shapesworld"),
-            "edit_noisiest_share": 0.5,
-        },
         # the recipe as it was before it chose the init word from the images: the class word itself
         "recipe shapesworld without init word search": {**recipe_variant("shapesworld"), "init_word_search": False},
         # the search among the class's members only, as before it also scored words proposed from the

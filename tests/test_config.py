@@ -47,8 +47,6 @@ def test_paper_batch_size_scaling():
         ),
         ({"edit_reference_words": ["ring"] * 9}, "edit_reference_words", "at most 8 edit reference words"),
         ({"edit_reference_words": ["ring"]}, "(top level)", "edit_reference_words needs edit_consistency"),
-        ({"edit_noisiest_share": 0.0}, "edit_noisiest_share", "greater than 0"),
-        ({"edit_noisiest_share": 0.5}, "(top level)", "edit_noisiest_share needs edit_consistency"),
         ({"stepz": 10}, "stepz", "Extra inputs are not permitted"),
         ({"num_vectors": 74, "progressive_steps": [1, 2]}, "(top level)", "exceeds 75"),
         ({"steps": 100, "progressive_steps": [100]}, "(top level)", "not before the last step"),

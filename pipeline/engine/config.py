@@ -130,14 +130,6 @@ class InversionConfig(BaseModel):
         "should change the UNet's prediction as it does for the initialiser word (or edit_reference_words), on the "
         "same noisy latents; costs about 3x the compute per step; 0: off",
     )
-    edit_noisiest_share: float = Field(
-        1.0,
-        gt=0.0,
-        le=1.0,
-        description="share of the timestep range, from the noisiest end, on which edit consistency is counted, "
-        "each counted sample weighted 1/share so the term's expected weight stays the same: 0.5 counts only the "
-        "noisier half (where sampling decides colour and layout) at twice the weight; 1: every timestep",
-    )
     templates: TemplateSet | list[str] = Field(
         "object", description="'object', 'style', or a custom list of captions with one '{}'"
     )
@@ -286,8 +278,6 @@ class InversionConfig(BaseModel):
             raise ValueError("edit_consistency needs edit_words: the words whose effect on the word it keeps")
         if self.edit_reference_words and not self.edit_consistency:
             raise ValueError("edit_reference_words needs edit_consistency: the loss that uses them")
-        if self.edit_noisiest_share < 1.0 and not self.edit_consistency:
-            raise ValueError("edit_noisiest_share needs edit_consistency: the loss whose timesteps it chooses")
         return self
 
     @model_validator(mode="after")

@@ -400,8 +400,7 @@ def packed_step(engines: Sequence[Inversion]) -> list[float]:
         for i in active:
             engine = engines[i]
             loss = F.mse_loss(predictions[i], engine.target(batches[i]))
-            edit = (edit_consistency_from(predictions[i], edited[i], reference_edited[i], reference_plain[i],
-                                          plans[i].row_weights)
+            edit = (edit_consistency_from(predictions[i], edited[i], reference_edited[i], reference_plain[i])
                     if i in plans else None)  # fmt: skip
             own = (loss + extra_loss(engine, edit)) / engine.config.grad_accum
             totals[i] += loss.item() / engine.config.grad_accum

@@ -10,8 +10,7 @@ diffusion loss:
   embeddings (``known_attribute_pull``), so the word moves freely except toward the words it should
   leave to the prompt;
 - ``edit_consistency``: an edit word ('green') should change the UNet's prediction for the new word
-  as it does for a word it is known to act on (the initialiser, or ``edit_reference_words``),
-  optionally counted only on the noisiest timesteps (``edit_noisiest_share``).
+  as it does for a word it is known to act on (the initialiser, or ``edit_reference_words``).
 
 Each takes the engine (its vectors, initialiser, model and random generator); the order of random
 draws is part of the trajectory, so it must not change.
@@ -78,7 +77,6 @@ class EditPlan:
     reference_edited: Batch
     reference_plain: Batch
     reference_vectors: dict[str, torch.Tensor]
-    row_weights: torch.Tensor | None = None  # per caption, from edit_noisiest_share; None: all count alike
 
 
 def plan_edit(engine: Inversion, batch: Batch) -> EditPlan:
@@ -93,44 +91,24 @@ def plan_edit(engine: Inversion, batch: Batch) -> EditPlan:
     edited = replace(batch, prompts=[p.replace(token, f"{words[i]} {token}", 1)
                                      for p, i in zip(batch.prompts, chosen, strict=True)])  # fmt: skip
     initial = {key: engine.initial_vectors(len(v)).detach() for key, v in engine.vector_table().items()}
-    weights = noisiest_weights(engine, batch)
     references = engine.config.edit_reference_words
     if not references:
-        return EditPlan(edited, edited, batch, initial, weights)
+        return EditPlan(edited, edited, batch, initial)
     drawn = torch.randint(len(references), (len(batch.prompts),), generator=engine.generator).tolist()
 
     def written(b: Batch) -> Batch:
         return replace(b, prompts=[p.replace(token, references[j]) for p, j in zip(b.prompts, drawn, strict=True)])
 
-    return EditPlan(edited, written(edited), written(batch), initial, weights)
+    return EditPlan(edited, written(edited), written(batch), initial)
 
 
-def noisiest_weights(engine: Inversion, batch: Batch) -> torch.Tensor | None:
-    """Per caption: 1/share where its timestep lies in the noisiest ``edit_noisiest_share`` of the
-    range, else 0 (None when the share is 1). Sampling settles colour in its first, noisiest steps,
-    so that is where an edit must still act on the word."""
-    share = engine.config.edit_noisiest_share
-    if share >= 1.0:
-        return None
-    total = engine.model.noise_scheduler.config.num_train_timesteps
-    return (batch.timesteps >= int(total * (1.0 - share))).float() * (1.0 / share)
-
-
-def edit_consistency_from(
-    prediction: torch.Tensor,
-    edited: torch.Tensor,
-    reference_edited: torch.Tensor,
-    reference_plain: torch.Tensor,
-    row_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
+def edit_consistency_from(prediction: torch.Tensor, edited: torch.Tensor, reference_edited: torch.Tensor,
+                          reference_plain: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """How differently the edit acts on the new word than on the reference, on the same noisy latents:
     what it adds to the prediction, ``unet(.., 'green <x>') - unet(.., '<x>')``, against what it adds
     to the reference's. So a word that has taken the images' colour into itself still lets a prompt
-    change it. ``row_weights`` weight each caption's squared error (``noisiest_weights``)."""
-    if row_weights is None:
-        return F.mse_loss(edited - prediction, reference_edited - reference_plain)
-    rows = ((edited - prediction) - (reference_edited - reference_plain)).pow(2).flatten(1).mean(1)
-    return (rows * row_weights.to(rows.device)).mean()
+    change it."""
+    return F.mse_loss(edited - prediction, reference_edited - reference_plain)
 
 
 def edit_consistency(engine: Inversion, batch: Batch, prediction: torch.Tensor) -> torch.Tensor:
@@ -140,5 +118,4 @@ def edit_consistency(engine: Inversion, batch: Batch, prediction: torch.Tensor) 
     with torch.no_grad():
         reference_edited = engine.predict(plan.reference_edited, plan.reference_vectors)
         reference_plain = engine.predict(plan.reference_plain, plan.reference_vectors)
-    return edit_consistency_from(prediction, engine.predict(plan.edited), reference_edited, reference_plain,
-                                 plan.row_weights)  # fmt: skip
+    return edit_consistency_from(prediction, engine.predict(plan.edited), reference_edited, reference_plain)
