@@ -117,6 +117,8 @@ def variants(steps: int, base: dict) -> dict[str, dict]:
         "recipe shapesworld + selection": {**recipe_variant("shapesworld"), "selection_interval": 25},
         # twice the recipe's edit consistency: mends the second world's hourglass, costs reconstruction elsewhere
         "recipe shapesworld + edit consistency 1.2": {**recipe_variant("shapesworld"), "edit_consistency": 1.2},
+        # a moving average over about 100 steps instead of 20: mends the hourglass, learns the arrow more slowly
+        "recipe shapesworld + average decay 0.99": {**recipe_variant("shapesworld"), "average_decay": 0.99},
         # the recipe as it was before it chose the init word from the images: the class word itself
         "recipe shapesworld without init word search": {**recipe_variant("shapesworld"), "init_word_search": False},
         # the search among the class's members only, as before it also scored words proposed from the
@@ -275,6 +277,9 @@ def main() -> None:
     parser.add_argument("--packed", action="store_true",
                         help="train each variant's concepts together in one pack (K = the world's concepts) "
                         "instead of one after another (pipeline.engine.packing)")  # fmt: skip
+    parser.add_argument("--trajectory", type=int, default=0, metavar="N",
+                        help="also score the vectors the run would save every N steps (recorded as 'trajectory'): "
+                        "where along a run a word starts to leak its colour")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (scores differ from CPU's only by sampling)")
     parser.add_argument(
         "--threads",
@@ -352,10 +357,21 @@ def main() -> None:
                                 "composition": composed})  # fmt: skip
             for label, overrides in chosen.items():
                 engine = trained.get((label, name))
+                points = {}  # --trajectory: step -> the vectors the run would save there
                 if engine is None:
                     engine = Inversion(model, images, concept_config(base, overrides, init_word, colour, seed), name)
                     for _ in range(engine.config.steps):
                         engine.step()
+                        if args.trajectory and engine.step_count % args.trajectory == 0:
+                            points[engine.step_count] = engine.current_vectors()
+                trajectory = []
+                for step, point in points.items():
+                    scored = score_subject(generator, oracle, f"<{name}>", shape, colour, {name: point},
+                                           samples=args.samples, seed=sampling_seed(seed))  # fmt: skip
+                    trajectory.append({"step": step, **scored.as_dict()})
+                if trajectory:
+                    path = " ".join(f"{p['step']}:{p['reconstruction']:.2f}/{p['editability']:.2f}" for p in trajectory)
+                    print(f"[{time.time() - started:6.0f}s] {name} seed {seed} trajectory {path}", flush=True)
                 vectors = engine.learned_vectors()
                 scores = score_subject(generator, oracle, f"<{name}>", shape, colour, {name: vectors},
                                        samples=args.samples, seed=sampling_seed(seed))  # fmt: skip
@@ -377,7 +393,7 @@ def main() -> None:
                                        seed)  # fmt: skip
                 records.append({"concept": name, "variant": label, "seed": seed, "init_word": engine.config.init_word,
                                 "norm_ratio": norm, "final_loss": engine.last_loss, "composition": composed,
-                                **scores.as_dict()})  # fmt: skip
+                                **scores.as_dict(), **({"trajectory": trajectory} if trajectory else {})})  # fmt: skip
                 print(f"[{time.time() - started:6.0f}s] {name} seed {seed} {label:<18} "
                       f"recon {scores.reconstruction:.2f} edit {scores.editability:.2f} "
                       f"shape-kept {scores.edited_shape:.2f} |v|/|init| {norm:.2f}"
