@@ -290,6 +290,8 @@ def main() -> None:
     args = parser.parse_args()
     if not 1 <= args.samples <= 100:
         parser.error(f"--samples must be 1-100 (each training seed has 100 noise seeds), got {args.samples}")
+    if args.trajectory < 0 or (args.trajectory and args.packed):
+        parser.error("--trajectory must be a positive step count, for runs trained one at a time (not --packed)")
     if args.first_seed < 0 or args.seeds < 1 or args.first_seed + args.seeds > 10:
         parser.error("seeds must lie in 0-9 (seed 10's noise window would be seed 0's composition window)")
     torch.set_num_threads(args.threads)
