@@ -123,12 +123,33 @@ class CephRGW:
             raise RuntimeError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr[-2000:]}")
         return result.stdout
 
-    def start(self, timeout: float = 90) -> CephRGW:
-        try:
-            return self._start(timeout)
-        except BaseException:
-            self.stop()
-            raise
+    def start(self, timeout: float = 90, attempts: int = 3) -> CephRGW:
+        """Starts the cluster, from scratch on new ports up to ``attempts`` times. On CI's busy machine
+        a fresh single-node cluster once failed to come up (``ceph osd create``: 'EPERM: problem
+        getting command descriptions from mon', 2026-12-03; cause not found, its logs were removed
+        with it), and a port taken between choosing and binding it fails ``ceph-mon``. The last
+        attempt's error carries the daemons' log tails."""
+        for attempt in range(attempts):
+            try:
+                return self._start(timeout)
+            except RuntimeError as error:
+                logs = self._log_tails()
+                self.stop()
+                if attempt == attempts - 1:
+                    raise RuntimeError(f"{error}\n{logs}") from None
+                self.ports = free_ports(2)
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    def _log_tails(self, lines: int = 15) -> str:
+        """The last lines of each daemon's log (the root is removed on stop, with them)."""
+        tails = []
+        for log in sorted((self.root / "log").glob("*.log")):
+            with contextlib.suppress(OSError):
+                tails.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(tails)
 
     def _start(self, timeout: float) -> CephRGW:
         missing = missing_binaries()
