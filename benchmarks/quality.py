@@ -366,17 +366,18 @@ def main() -> None:
                         engine.step()
                         if args.trajectory and engine.step_count % args.trajectory == 0:
                             points[engine.step_count] = engine.current_vectors()
+                vectors = engine.learned_vectors()
+                scores = score_subject(generator, oracle, f"<{name}>", shape, colour, {name: vectors},
+                                       samples=args.samples, seed=sampling_seed(seed))  # fmt: skip
                 trajectory = []
                 for step, point in points.items():
-                    scored = score_subject(generator, oracle, f"<{name}>", shape, colour, {name: point},
-                                           samples=args.samples, seed=sampling_seed(seed))  # fmt: skip
+                    scored = scores if torch.equal(point, vectors) else score_subject(  # the saved point: scored above
+                        generator, oracle, f"<{name}>", shape, colour, {name: point}, samples=args.samples,
+                        seed=sampling_seed(seed))  # fmt: skip
                     trajectory.append({"step": step, **scored.as_dict()})
                 if trajectory:
                     path = " ".join(f"{p['step']}:{p['reconstruction']:.2f}/{p['editability']:.2f}" for p in trajectory)
                     print(f"[{time.time() - started:6.0f}s] {name} seed {seed} trajectory {path}", flush=True)
-                vectors = engine.learned_vectors()
-                scores = score_subject(generator, oracle, f"<{name}>", shape, colour, {name: vectors},
-                                       samples=args.samples, seed=sampling_seed(seed))  # fmt: skip
                 if engine.selected:  # the same run without selection: its last point
                     last = score_subject(generator, oracle, f"<{name}>", shape, colour,
                                          {name: engine.current_vectors()}, samples=args.samples,

@@ -129,19 +129,18 @@ class CephRGW:
         getting command descriptions from mon', 2026-12-03; cause not found, its logs were removed
         with it), and a port taken between choosing and binding it fails ``ceph-mon``. The last
         attempt's error carries the daemons' log tails."""
-        for attempt in range(attempts):
+        failure = ""
+        for _ in range(attempts):
             try:
                 return self._start(timeout)
             except RuntimeError as error:
-                logs = self._log_tails()
+                failure = f"{error}\n{self._log_tails()}"
                 self.stop()
-                if attempt == attempts - 1:
-                    raise RuntimeError(f"{error}\n{logs}") from None
                 self.ports = free_ports(2)
             except BaseException:
                 self.stop()
                 raise
-        raise AssertionError("unreachable")
+        raise RuntimeError(f"the Ceph RGW cluster did not come up in {attempts} attempts; the last one: {failure}")
 
     def _log_tails(self, lines: int = 15) -> str:
         """The last lines of each daemon's log (the root is removed on stop, with them)."""
