@@ -394,9 +394,11 @@ def main() -> None:
                     both = {name: vectors, COLOUR_CONCEPT[0]: colour_vectors[label]}
                     composed = compose(generator, oracle, f"<{COLOUR_CONCEPT[0]}> <{name}>", shape, both, args.samples,
                                        seed)  # fmt: skip
+                extra = {"init_search": engine.init_search.as_dict()} if engine.init_search else {}
+                extra |= {"trajectory": trajectory} if trajectory else {}
                 records.append({"concept": name, "variant": label, "seed": seed, "init_word": engine.config.init_word,
                                 "norm_ratio": norm, "final_loss": engine.last_loss, "composition": composed,
-                                **scores.as_dict(), **({"trajectory": trajectory} if trajectory else {})})  # fmt: skip
+                                **scores.as_dict(), **extra})  # fmt: skip
                 print(f"[{time.time() - started:6.0f}s] {name} seed {seed} {label:<18} "
                       f"recon {scores.reconstruction:.2f} edit {scores.editability:.2f} "
                       f"shape-kept {scores.edited_shape:.2f} |v|/|init| {norm:.2f}"

@@ -10,7 +10,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from pipeline.engine.config import make_config
 from pipeline.engine.data import load_images
 from pipeline.engine.generation import ImageGenerator
-from pipeline.engine.init_words import CHANCE_LEAD, MARGIN, SearchResult, choose, with_chosen_word
+from pipeline.engine.init_words import CHANCE_LEAD, CHANCE_WORDS, MARGIN, SearchResult, choose, with_chosen_word
 from pipeline.engine.inversion import Inversion
 from pipeline.engine.model import load_base_model, resolve_model_source
 from pipeline.engine.recipes import resolve_config
@@ -120,6 +120,10 @@ def test_init_word_search_finds_the_models_word_for_the_images(shapesworld, tmp_
     result = engine.init_search
     assert (result.baseline, result.chosen) == ("shape", "star") and result.margin >= MARGIN
     assert result.chance["star"] >= CHANCE_LEAD > result.chance["shape"]
+    # the random embeddings' losses are recorded, lowest first, and are what the chance test measured
+    best, median = result.random[0], result.random[CHANCE_WORDS // 2 - 1]  # torch's median: the lower middle one
+    assert len(result.random) == CHANCE_WORDS and list(result.random) == sorted(result.random)
+    assert result.chance["star"] == pytest.approx((best - result.losses["star"]) / (median - best))
     assert result.losses["star"] < result.losses["shape"] and set(result.losses) == {"shape", "circle", "star"}
     assert (engine.config.init_word, engine.config.init_word_search, engine.config.init_word_candidates) == (
         "star",

@@ -94,6 +94,7 @@ class SearchResult:
     chance: dict[str, float]  # each word's lead over the best random embedding (see CHANCE_LEAD)
     proposed: tuple[str, ...] = ()  # the candidates the vocabulary proposal added
     edited: dict[str, float] = field(default_factory=dict)  # the finalists' mean loss on edited prompts
+    random: tuple[float, ...] = ()  # the random embeddings' mean losses, lowest first: what the chance test saw
 
     @property
     def margin(self) -> float:
@@ -106,7 +107,8 @@ class SearchResult:
                 "margins": {w: round(v, 2) for w, v in self.margins.items()},
                 "chance": {w: round(v, 2) for w, v in self.chance.items()},
                 "proposed": list(self.proposed),
-                "edited": {w: round(v, 6) for w, v in self.edited.items()}}  # fmt: skip
+                "edited": {w: round(v, 6) for w, v in self.edited.items()},
+                "random": [round(v, 6) for v in self.random]}  # fmt: skip
 
 
 def _pieces(batch: Batch, size: int = 64) -> Iterator[Batch]:
@@ -206,7 +208,8 @@ def search_init_word(engine: Inversion, config: InversionConfig) -> SearchResult
 
     chosen = choose(scores, chance, config.init_word, proposed, edited_scores if config.edit_words else None)
     edited_means = {word: s.mean().item() for word, s in edited.items()}
-    return SearchResult(chosen, config.init_word, losses, margins, chance, tuple(proposed), edited_means)
+    return SearchResult(chosen, config.init_word, losses, margins, chance, tuple(proposed), edited_means,
+                        tuple(sorted(random.tolist())))  # fmt: skip
 
 
 def paired_margin(scores: torch.Tensor, reference: torch.Tensor) -> float:
