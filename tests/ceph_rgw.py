@@ -197,7 +197,7 @@ class CephRGW:
                 return  # an S3 error response (e.g. 403) means the gateway is serving
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"radosgw did not answer on {self.endpoint}; see {self.root}/log") from None
+                    raise RuntimeError(f"radosgw did not answer on {self.endpoint}") from None  # the log tails follow
                 time.sleep(0.3)
 
     def _pid(self, name: str) -> int | None:

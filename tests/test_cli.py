@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from pipeline.cli import main
 from pipeline.engine.config import InversionConfig
 from pipeline.engine.formats import LearnedConcept, load_concept_file, save_concept
+from pipeline.engine.init_words import CHANCE_WORDS
 
 from .conftest import DIM
 
@@ -186,7 +187,7 @@ def test_train_from_a_recipe_records_it_and_publishes_it(tiny_model_dir, star_di
     written = json.loads((searched / "concept.json").read_text())
     record = written["init_word_search"]
     assert set(record["losses"]) == {"shape", "circle", "star"} and record["baseline"] == "shape"
-    assert len(record["random"]) == 16 and record["random"] == sorted(record["random"])  # what chance scored
+    assert len(record["random"]) == CHANCE_WORDS and record["random"] == sorted(record["random"])  # what chance scored
     assert written["config"]["init_word"] == written["init_word"] == record["chosen"]
     assert (written["config"]["init_word_search"], written["config"]["init_word_candidates"]) == (False, [])
 
