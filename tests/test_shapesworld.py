@@ -204,6 +204,22 @@ def test_a_chosen_word_becomes_edit_consistencys_reference_unless_references_wer
     assert with_chosen_word(given, found, tokens=1).edit_reference_words == ["oval"]
 
 
+def test_a_chosen_member_trains_with_the_member_average_decay():
+    """A listed member the search chose is a near start: its run averages over member_average_decay;
+    the class word kept, or a word the vocabulary proposed, trains with average_decay."""
+    config = make_config({"class_word": "shape", "init_word_search": True, "average_decay": 0.95,
+                          "member_average_decay": 0.99})  # fmt: skip
+    losses = {"shape": 0.2, "hourglass": 0.1, "long": 0.05}
+    member = SearchResult("hourglass", "shape", losses, {"hourglass": 5.0}, {}, proposed=("long",))
+    proposal = SearchResult("long", "shape", losses, {"long": 6.0}, {}, proposed=("long",))
+    kept = SearchResult("shape", "shape", losses, {}, {}, proposed=("long",))
+    decays = [with_chosen_word(config, result, tokens=1).average_decay for result in (member, proposal, kept)]
+    assert decays == [0.99, 0.95, 0.95]
+    # unset (the default), every run averages as average_decay says
+    plain = make_config({"class_word": "shape", "init_word_search": True, "average_decay": 0.95})
+    assert plain.member_average_decay is None and with_chosen_word(plain, member, tokens=1).average_decay == 0.95
+
+
 @pytest.mark.heavy
 def test_shapesworld_score_reads_a_concept_of_the_sdxl_world(tmp_path, capsys):
     """`oneword train` on the bundled SDXL-shaped world writes diffusers' SDXL pair, and

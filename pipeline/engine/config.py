@@ -81,6 +81,14 @@ class InversionConfig(BaseModel):
         description="keep an exponential moving average of the vectors with this decay (e.g. 0.95) and "
         "save it instead of the last iterate; 0: off",
     )
+    member_average_decay: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="average_decay instead, when init_word_search chooses one of the class's listed words: a word "
+        "the model already draws these images with, so the vectors need not travel far, and a longer average keeps "
+        "the images' colour out of the word (docs/quality.md); unset: average_decay whatever the search chose",
+    )
     selection_interval: int = Field(
         0,
         ge=0,

@@ -253,8 +253,9 @@ def choose(
 
 def with_chosen_word(config: InversionConfig, result: SearchResult, tokens: int) -> InversionConfig:
     """The config the run trains with: the chosen init word, enough vectors for its ``tokens``, the
-    chosen word as edit consistency's reference in place of the class's members, and the search
-    off, so that the recorded config reproduces the run as it stands."""
+    chosen word as edit consistency's reference in place of the class's members, a chosen member's
+    ``member_average_decay``, and the search off, so that the recorded config reproduces the run as
+    it stands."""
     values = config.model_dump()
     values.update(init_word=result.chosen, init_word_search=False, init_word_candidates=[], init_word_vocabulary=0,
                   num_vectors=max(config.num_vectors, tokens))  # fmt: skip
@@ -262,4 +263,6 @@ def with_chosen_word(config: InversionConfig, result: SearchResult, tokens: int)
         # the chosen word is the best reference the edits have: a word the model knows for these very
         # images; the class's members only stand in for one (given references are kept)
         values["edit_reference_words"] = [result.chosen]
+    if result.chosen not in (result.baseline, *result.proposed) and config.member_average_decay is not None:
+        values["average_decay"] = config.member_average_decay  # a near start: average longer (see the field)
     return make_config(values, "init_word_search")
