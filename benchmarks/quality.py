@@ -119,11 +119,11 @@ def variants(steps: int, base: dict) -> dict[str, dict]:
         "recipe shapesworld + edit consistency 1.2": {**recipe_variant("shapesworld"), "edit_consistency": 1.2},
         # a moving average over about 100 steps instead of 20: mends the hourglass, learns the arrow more slowly
         "recipe shapesworld + average decay 0.99": {**recipe_variant("shapesworld"), "average_decay": 0.99},
-        # the longer average only where the search chose a listed member (a near start): the same run as
-        # "+ average decay 0.99" there, the recipe's run everywhere else
-        "recipe shapesworld + member average decay 0.99": {
+        # the recipe as it was before its longer average where the search chose a listed member (a near
+        # start): average_decay 0.95 whatever the search chose
+        "recipe shapesworld without member average decay": {
             **recipe_variant("shapesworld"),
-            "member_average_decay": 0.99,
+            "member_average_decay": None,
         },
         # the recipe as it was before it chose the init word from the images: the class word itself
         "recipe shapesworld without init word search": {**recipe_variant("shapesworld"), "init_word_search": False},
